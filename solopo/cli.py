@@ -37,10 +37,15 @@ ModelOpt = Annotated[
 ]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="Named preset, e.g. cpu-demo (small, for a CPU).")]
 ForceOpt = Annotated[
-    list[str] | None, typer.Option("--force", help="Rerun this stage even if cached (repeatable; 'all' for every stage).")
+    list[str] | None,
+    typer.Option("--force", help="Rerun this stage even if cached (repeatable; 'all' for every stage)."),
 ]
-DataOpt = Annotated[str | None, typer.Option("--data", help="MuSiQue jsonl(.gz) path, a datasets hub id, or 'musique-sample'.")]
-TargetLenOpt = Annotated[str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="MuSiQue jsonl(.gz) path, a datasets hub id, or 'musique-sample'.")
+]
+TargetLenOpt = Annotated[
+    str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")
+]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning.")]
 
 
@@ -56,19 +61,22 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _overrides(sets: list[str] | None, **flags: Any) -> list[str]:
-    """Named flags become `section.key=value` overrides, applied after --set ones (flags win)."""
-    out = list(sets or [])
+def _overrides(sets: list[str] | None, **flags: Any) -> dict[str, Any]:
+    """--set strings, then named flags (flags win), as one nested dict. Flag values stay structured
+    (no YAML round trip), so paths with odd characters survive."""
+    from solopo.pipeline.config import parse_override, set_nested
+
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        parts, value = parse_override(item)
+        set_nested(out, parts, value)
     for key, value in flags.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = "[" + ",".join(str(v) for v in value) + "]"
-        out.append(f"{key}={value}")
+        if value is not None:
+            set_nested(out, key.split("."), value)
     return out
 
 
-def _config(config: Path | None, sets: list[str], preset: str | None):
+def _config(config: Path | None, sets: dict[str, Any] | list[str], preset: str | None):
     from solopo.pipeline.config import build_config
 
     return build_config(config, sets, preset=preset)
@@ -111,7 +119,9 @@ def _guard(fn):
 def synth(
     target_len: TargetLenOpt = None,
     data: DataOpt = None,
-    short_docs: Annotated[str | None, typer.Option(help="supporting (paper's x_short) or own (all 20 own paragraphs).")] = None,
+    short_docs: Annotated[
+        str | None, typer.Option(help="supporting (paper's x_short) or own (all 20 own paragraphs).")
+    ] = None,
     on_bad_record: Annotated[str | None, typer.Option(help="fail or skip.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -125,8 +135,14 @@ def synth(
     _setup_logging(log_level)
     sets = _overrides(
         set_,
-        **{"synth.target_len": target_len, "load.source": data, "synth.short_docs": short_docs,
-           "load.on_bad_record": on_bad_record, "run.run_dir": run_dir, "run.model": model},
+        **{
+            "synth.target_len": target_len,
+            "load.source": data,
+            "synth.short_docs": short_docs,
+            "load.on_bad_record": on_bad_record,
+            "run.run_dir": run_dir,
+            "run.model": model,
+        },
     )
     cfg = _config(config, sets, preset)
     _print_summary(_run("synth", cfg, force), cfg.run.run_dir)
@@ -136,7 +152,9 @@ def synth(
 @_guard
 def pair(
     backend: Annotated[str | None, typer.Option(help="auto, vllm or transformers.")] = None,
-    num_samples: Annotated[int | None, typer.Option("--num-samples", "-n", help="Samples per short prompt (paper: 32).")] = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", "-n", help="Samples per short prompt (paper: 32).")
+    ] = None,
     target_len: TargetLenOpt = None,
     data: DataOpt = None,
     config: ConfigOpt = None,
@@ -151,8 +169,14 @@ def pair(
     _setup_logging(log_level)
     sets = _overrides(
         set_,
-        **{"sample.backend": backend, "sample.n": num_samples, "synth.target_len": target_len,
-           "load.source": data, "run.run_dir": run_dir, "run.model": model},
+        **{
+            "sample.backend": backend,
+            "sample.n": num_samples,
+            "synth.target_len": target_len,
+            "load.source": data,
+            "run.run_dir": run_dir,
+            "run.model": model,
+        },
     )
     cfg = _config(config, sets, preset)
     _print_summary(_run("export", cfg, force), cfg.run.run_dir)
@@ -162,7 +186,9 @@ def pair(
 @_guard
 def train(
     algo: Annotated[str | None, typer.Option(help="dpo, simpo or orpo.")] = None,
-    mode: Annotated[str | None, typer.Option(help="solo (SoLoPO), long (Long-PO), expand-long, short (alpha=0).")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="solo (SoLoPO), long (Long-PO), expand-long, short (alpha=0).")
+    ] = None,
     alpha: Annotated[float | None, typer.Option(help="SoLo-RA weight; default: the paper's for the algorithm.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -200,12 +226,19 @@ def run_all(
     """load -> synth -> sample -> select -> export -> train -> eval, resumable at every stage."""
     _setup_logging(log_level)
     if model is None and config is None and preset is None and not any(s.startswith("run.preset=") for s in set_ or []):
+        # The embedded 135M model on a CPU: the paper's sizes would take days, so say what is reduced.
         preset = "cpu-demo"
         log.warning("no --model/--config/--preset given: using the embedded SmolLM2-135M-Instruct with preset cpu-demo")
     sets = _overrides(
         set_,
-        **{"load.source": data, "synth.target_len": target_len, "train.algo": algo, "train.mode": mode,
-           "run.run_dir": run_dir, "run.model": model},
+        **{
+            "load.source": data,
+            "synth.target_len": target_len,
+            "train.algo": algo,
+            "train.mode": mode,
+            "run.run_dir": run_dir,
+            "run.model": model,
+        },
     )
     cfg = _config(config, sets, preset)
     summaries = _run("eval", cfg, force)
@@ -213,6 +246,57 @@ def run_all(
     report = Path(cfg.run.run_dir) / "eval" / "report.md"
     if report.exists():
         typer.echo("\n" + report.read_text())
+
+
+@app.command("eval")
+@_guard
+def eval_(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Model to evaluate, repeatable: label=path or a path/hub id."),
+    ] = None,
+    lengths: Annotated[str | None, typer.Option(help="Context lengths, e.g. 4k,8k,16k.")] = None,
+    datasets: Annotated[str | None, typer.Option(help="Comma list of musique, hotpotqa.")] = None,
+    n_questions: Annotated[int | None, typer.Option("--n-questions", help="Questions per dataset.")] = None,
+    depths: Annotated[str | None, typer.Option(help="Gold-evidence depth sweep, e.g. 0,0.25,0.5,0.75,1.")] = None,
+    backend: Annotated[str | None, typer.Option(help="auto, vllm or transformers.")] = None,
+    base: Annotated[
+        bool, typer.Option("--base/--no-base", help="Also evaluate run.model (default: embedded).")
+    ] = False,
+    exclude_from: Annotated[
+        str | None, typer.Option(help="Run dir or triplet Parquet whose ids must not be evaluated on.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[str, typer.Option("--run-dir", help="Where the eval outputs go.")] = "runs/eval",
+    preset: PresetOpt = None,
+    force: ForceOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Long-context QA (MuSiQue dev, HotpotQA) at several lengths; compares models in one report + PNG."""
+    from solopo.pipeline.runner import Pipeline
+    from solopo.stages.evaluate import CompareEvalStage
+
+    _setup_logging(log_level)
+    include_base = base or not model
+    sets = _overrides(
+        set_,
+        **{
+            "eval.models": model,
+            "eval.lengths": lengths,
+            "eval.datasets": datasets.split(",") if datasets else None,
+            "eval.n_questions": n_questions,
+            "eval.depths": depths.split(",") if depths else None,
+            "eval.backend": backend,
+            "eval.include_base": include_base,
+            "eval.exclude_from": exclude_from,
+            "run.run_dir": run_dir,
+        },
+    )
+    cfg = _config(config, sets, preset)
+    summaries = Pipeline([CompareEvalStage], cfg).run(force=tuple(force or ()))
+    _print_summary(summaries, cfg.run.run_dir)
+    typer.echo("\n" + (Path(cfg.run.run_dir) / "eval" / "report.md").read_text())
 
 
 @app.command()
@@ -251,7 +335,7 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt
     """Print the fully resolved config (defaults < preset < file < --set)."""
     from solopo.pipeline.config import dump_config
 
-    typer.echo(dump_config(_config(config, list(set_ or []), preset)))
+    typer.echo(dump_config(_config(config, _overrides(set_), preset)))
 
 
 @model_app.command("prepare")

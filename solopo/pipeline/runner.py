@@ -76,13 +76,12 @@ class Pipeline:
     def check_chain(self) -> None:
         """Every stage's input must come from a stage in the chain (or its finished output in the
         run dir) and provide the columns it reads. All problems are reported together."""
-        from solopo.stages import STAGES
-
         problems = []
+        known = self._known_stages()
         for cls in self.stage_classes:
             if cls.after is None:
                 continue
-            up = STAGES.get(cls.after)
+            up = known.get(cls.after)
             if up is None:
                 problems.append(f"stage '{cls.name}' reads from unknown stage '{cls.after}'")
                 continue
@@ -93,6 +92,11 @@ class Pipeline:
                 )
         if problems:
             raise ConfigError(problems, source="pipeline chain")
+
+    def _known_stages(self) -> dict[str, type[Stage]]:
+        from solopo.stages import STAGES
+
+        return {**STAGES, **{c.name: c for c in self.stage_classes}}
 
     # --- running ------------------------------------------------------------------------------
     def run(self, force: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -119,10 +123,8 @@ class Pipeline:
         return marker.read_text().strip()
 
     def _context(self, cls: type[Stage]) -> StageContext:
-        from solopo.stages import STAGES
-
         out_dir = stage_dir(self.run_dir, cls.name)
-        ups = {n: stage_dir(self.run_dir, n) for n in STAGES}
+        ups = {n: stage_dir(self.run_dir, n) for n in self._known_stages()}
         return StageContext(
             stage=cls.name, out_dir=out_dir, run=self.config.run, config=self.config, upstream_dirs=ups
         )

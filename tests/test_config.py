@@ -1,0 +1,74 @@
+"""Config resolution: lengths, precedence, unknown keys and all errors at once, file formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from solopo.pipeline.config import build_config, parse_length, parse_lengths
+from solopo.pipeline.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text,tokens",
+    [("8k", 8192), ("4K", 4096), ("1.5k", 1536), ("32k", 32768), (4000, 4000), ("128k", 131072), ("1m", 1048576)],
+)
+def test_parse_length(text, tokens):
+    assert parse_length(text) == tokens
+
+
+@pytest.mark.parametrize("bad", ["", "eight", "-4k", 0, "4kb", True])
+def test_parse_length_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_length(bad)
+
+
+def test_parse_lengths_sorted_unique():
+    assert parse_lengths("16k,4k,8k,4k") == [4096, 8192, 16384]
+    assert parse_lengths(["4k", 8192]) == [4096, 8192]
+
+
+def test_all_errors_reported_at_once_with_known_keys():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["load.nope=1", "bogus.key=2", "train.algo=ppo"])
+    msg = str(e.value)
+    assert "3 config problem(s)" in msg
+    assert "load.nope: unknown key; known keys: source" in msg
+    assert "bogus: unknown key; known sections: run, load" in msg
+    assert "train.algo" in msg
+
+
+def test_precedence_defaults_preset_file_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  seed: 7\nload:\n  limit: 5\n")
+    cfg = build_config(f, ["load.limit=9"], preset="cpu-demo")
+    assert cfg.run.seed == 7  # file over default
+    assert cfg.load.limit == 9  # override over file over preset
+    assert cfg.run.preset == "cpu-demo"
+    cfg2 = build_config(f, [], preset="cpu-demo")
+    assert cfg2.load.limit == 5  # file over preset
+
+
+def test_toml_config(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[run]\nrun_dir = "x"\n[load]\nlimit = 3\n')
+    cfg = build_config(f)
+    assert cfg.run.run_dir == "x" and cfg.load.limit == 3
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        build_config(preset="nope")
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("load: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        build_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        build_config(overrides=["nokey"])
+
+
+def test_config_is_frozen():
+    cfg = build_config()
+    with pytest.raises(Exception):  # noqa: B017 (pydantic raises ValidationError on frozen assignment)
+        cfg.load.limit = 3  # type: ignore[misc]
