@@ -117,8 +117,8 @@ class EvalStage(Stage):
         return fp
 
     def _dropper(self, ds: str):
-        def drop(reason: str, example: str | None = None) -> None:
-            self.ctx.drop(f"{ds}:{reason}", example=example)
+        def drop(reason: str, n: int = 1, example: str | None = None) -> None:
+            self.ctx.drop(f"{ds}:{reason}", n=n, example=example)
 
         return drop
 
@@ -162,6 +162,7 @@ class EvalStage(Stage):
                 self.ctx.note(
                     f"{len(records) - len(kept)} {ds} eval questions overlapped training ids and were removed"
                 )
+            pool = kept  # distractors come from every held-out record, not only the evaluated ones
             kept = kept[: self.config.n_questions]
             if not kept:
                 raise SolopoError(f"eval: no {ds} questions left from {source} after excluding training ids")
@@ -179,6 +180,7 @@ class EvalStage(Stage):
                     synth_cfg,
                     seed=self.ctx.run.seed,
                     drop=self._dropper(ds),
+                    pool=pool,
                 )
                 built = built.append_column("depth", pa.array([-1.0 if depth is None else depth] * built.num_rows))
                 tables.append(built)
