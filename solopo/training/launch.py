@@ -1,0 +1,130 @@
+"""How `solopo train` runs: in-process (one process) or relaunched on N ranks through `accelerate launch` or the
+`deepspeed` launcher, each rank executing `python -m solopo.training.launch SPEC.json`.
+
+One command covers 1 CPU (in-process; ZeRO over gloo with a 1-rank env), 1 GPU (in-process), 8 GPUs
+(num_processes=8) and several nodes (hostfile, deepspeed launcher)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from solopo.pipeline.errors import ConfigError, MissingDependencyError, SolopoError
+from solopo.pipeline.io import read_json, write_json, write_parquet
+
+log = logging.getLogger("solopo")
+
+
+@dataclass
+class LaunchPlan:
+    launcher: str  # none | accelerate | deepspeed
+    num_processes: int
+
+    @property
+    def in_process(self) -> bool:
+        return self.launcher == "none"
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def launch_plan(cfg) -> LaunchPlan:
+    """auto: one process in-process; more processes (all visible GPUs) or a hostfile -> a launcher
+    (deepspeed's when DeepSpeed is on or a hostfile is given, else accelerate)."""
+    n = cfg.num_processes or max(1, _visible_gpus())
+    if cfg.launcher == "none":
+        if n > 1 or cfg.hostfile:
+            raise ConfigError([f"train.launcher=none runs one process; num_processes={n}/hostfile need a launcher"])
+        return LaunchPlan("none", 1)
+    if cfg.launcher == "auto":
+        if n == 1 and not cfg.hostfile:
+            return LaunchPlan("none", 1)
+        return LaunchPlan("deepspeed" if (cfg.hostfile or cfg.deepspeed != "none") else "accelerate", n)
+    if cfg.hostfile and cfg.launcher == "accelerate":
+        raise ConfigError(["train.hostfile needs train.launcher=deepspeed (accelerate reads nodes from its own config)"])
+    return LaunchPlan(cfg.launcher, n)
+
+
+def launch_command(plan: LaunchPlan, spec_path: Path, cfg) -> list[str]:
+    worker = ["-m", "solopo.training.launch", str(spec_path)]
+    if plan.launcher == "accelerate":
+        if shutil.which("accelerate") is None:
+            raise MissingDependencyError("accelerate", "pip install accelerate", "train.launcher=accelerate")
+        cmd = ["accelerate", "launch", "--num_processes", str(plan.num_processes), "--num_machines", "1"]
+        cmd += ["--multi_gpu"] if _visible_gpus() > 1 else ["--cpu"] if _visible_gpus() == 0 else []
+        # accelerate wants a script: run the module through python -m
+        return [*cmd, "--module", *worker[1:]]
+    if shutil.which("deepspeed") is None:
+        raise MissingDependencyError("deepspeed", "pip install deepspeed", "train.launcher=deepspeed")
+    cmd = ["deepspeed"]
+    if cfg.hostfile:
+        if not Path(cfg.hostfile).exists():
+            raise ConfigError([f"train.hostfile: {cfg.hostfile} does not exist"])
+        cmd += ["--hostfile", cfg.hostfile]
+    else:
+        cmd += ["--num_gpus", str(plan.num_processes)] if _visible_gpus() else ["--num_nodes", "1"]
+    return [*cmd, "--module", *worker[1:]]
+
+
+def run_launched(plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None, out_dir: Path, seed: int,
+                 source: str) -> dict[str, Any]:
+    """Write the data and a spec next to the model, launch the ranks, read rank 0's result."""
+    work = Path(out_dir) / "launch"
+    work.mkdir(parents=True, exist_ok=True)
+    data_path = work / "input.parquet"
+    write_parquet(table, data_path)
+    result_path = work / f"result-{cfg.algo}-{cfg.mode}.json"
+    if result_path.exists():
+        result_path.unlink()
+    spec = {"config": cfg.model_dump(mode="json"), "model_path": model_path, "data_path": str(data_path.resolve()),
+            "out_dir": str(Path(out_dir).resolve()), "seed": seed, "source": source,
+            "result_path": str(result_path.resolve())}
+    spec_path = work / "spec.json"
+    write_json(spec, spec_path)
+    cmd = launch_command(plan, spec_path.resolve(), cfg)
+    env = dict(os.environ)
+    if plan.launcher == "deepspeed" and not _visible_gpus():
+        env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    log.info("[train] launching %d process(es): %s", plan.num_processes, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0 or not result_path.exists():
+        raise SolopoError(f"training ranks failed (exit {proc.returncode}); see the log above. Command: {' '.join(cmd)}")
+    result = read_json(result_path)
+    result["launcher"] = plan.launcher
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Rank entry point: python -m solopo.training.launch SPEC.json"""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m solopo.training.launch SPEC.json")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
+    from solopo.stages.train import TrainConfig
+    from solopo.training.loop.trainer import train
+
+    spec = json.loads(Path(argv[0]).read_text())
+    cfg = TrainConfig.model_validate(spec["config"])
+    result = train(cfg, model_path=spec["model_path"], data_path=spec["data_path"], out_dir=spec["out_dir"],
+                   seed=spec["seed"], source=spec["source"])
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_json(result, spec["result_path"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,703 @@
+"""The SoLoPO training loop (reads top to bottom, nanoGPT style).
+
+    setup: distributed env -> dtype/attention -> DeepSpeed config -> model -> tokenized examples
+           -> DPO reference log-probs (once, cached) -> optimizer/scheduler -> backend -> resume
+    loop:  for each optimizer step, for each micro-batch:
+               short+chosen & short+rejected in one padded forward   (PO pair; x_long in long modes)
+               long+chosen in a second forward                       (SoLo-RA, solo mode only)
+               loss = sum(per-example loss) / examples in the step    (exact gradient accumulation)
+           step, log, checkpoint
+    end:   save the model in HF format (loads with AutoModelForCausalLM)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from solopo.pipeline.errors import MissingDependencyError, SolopoError
+from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet
+from solopo.training.data import Example, build_examples, collate, length_grouped_batches, select_target_len
+from solopo.training.logprobs import CompletionLogps
+from solopo.training.losses import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    OBJECTIVES,
+    Batch,
+    LossOutput,
+    LossParams,
+    SeqLogps,
+)
+
+log = logging.getLogger("solopo")
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+class TrainingError(SolopoError):
+    """Training stopped for a reason the user can act on (non-finite loss, out of memory)."""
+
+
+# --- settings resolved from the config ------------------------------------------------------------------
+def resolve_params(cfg) -> LossParams:
+    alpha = DEFAULT_ALPHA[cfg.algo] if cfg.alpha is None else cfg.alpha
+    if cfg.mode != "solo":
+        alpha = 0.0  # short/long/expand-long are plain PO baselines
+    beta = DEFAULT_BETA[cfg.algo] if cfg.beta is None else cfg.beta
+    return LossParams(alpha=alpha, beta=beta, gamma=cfg.gamma, orpo_lambda=cfg.orpo_lambda)
+
+
+def pick_attn(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def pick_dtype(requested: str) -> torch.dtype:
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def build_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
+    """The shipped ZeRO config with the 'auto' values filled from the train config."""
+    ds = json.loads((DS_CONFIG_DIR / f"{cfg.deepspeed}.json").read_text())
+    if cfg.offload != "none":
+        extra = json.loads((DS_CONFIG_DIR / f"offload_{cfg.offload}.json").read_text())
+        ds["zero_optimization"].update(extra["zero_optimization"])
+    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.max_grad_norm
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    return ds
+
+
+# --- distributed ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(use_deepspeed: bool) -> tuple[int, int, int]:
+    """(rank, local_rank, world). One plain process without launcher env: sets a 1-rank env for DeepSpeed."""
+    if use_deepspeed and "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 or use_deepspeed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if use_deepspeed:
+                import deepspeed
+
+                deepspeed.init_distributed(dist_backend=backend)
+            else:
+                dist.init_process_group(backend=backend)
+    return rank, local_rank, world
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# --- backends: plain torch or DeepSpeed, one small interface --------------------------------------------------
+class PlainBackend:
+    def __init__(self, module, optimizer, scheduler, cfg):
+        self.module, self.optimizer, self.scheduler, self.cfg = module, optimizer, scheduler, cfg
+        self.grad_norm = 0.0
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def micro_done(self, boundary: bool) -> None:
+        if not boundary:
+            return
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(
+            {"model": self.module.lm.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "scheduler": self.scheduler.state_dict(), **state},
+            tmp / "state.pt",
+        )
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.module.lm.load_state_dict(blob.pop("model"))
+        self.optimizer.load_state_dict(blob.pop("optimizer"))
+        self.scheduler.load_state_dict(blob.pop("scheduler"))
+        return blob
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self.module.lm.state_dict()
+
+
+class DeepSpeedBackend(PlainBackend):
+    def __init__(self, engine, cfg):
+        self.engine, self.cfg = engine, cfg
+        self.module = engine.module
+        self.grad_norm = 0.0
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the examples of the whole step: no extra 1/grad_accum.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def micro_done(self, boundary: bool) -> None:
+        self.engine.step()  # DeepSpeed counts micro-batches and updates at the accumulation boundary
+        if boundary:
+            gn = self.engine.get_global_grad_norm()
+            self.grad_norm = float(gn) if gn is not None else float("nan")
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def save_checkpoint(self, path: Path, state: dict) -> None:
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=state)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        _, client = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        return client or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.cfg.deepspeed == "zero3":
+            sd = self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call; rank 0 gets it
+            return None if sd is None else {k.removeprefix("lm."): v for k, v in sd.items()}
+        return self.module.lm.state_dict()
+
+
+def make_scheduler(optimizer, cfg, total_steps: int):
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- one micro-batch ---------------------------------------------------------------------------------------
+@dataclass
+class MicroOut:
+    out: LossOutput
+    tokens: int
+
+
+def micro_batch_logps(
+    forward, examples: list[Example], pad_id: int, with_long: bool, orpo_sequence_nll: bool, device: torch.device
+) -> tuple[Batch, int]:
+    """Two forwards: the PO pair (chosen and rejected share a padded batch) and the RA sequences."""
+    b = len(examples)
+    pair = [e.chosen for e in examples] + [e.rejected for e in examples]
+    ids, attn, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+    dev = device
+    outs = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])
+    comp = outs[0]
+    chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
+    rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
+    nll_w = SeqLogps(outs[1].total[:b], outs[1].count[:b]) if orpo_sequence_nll else None
+    tokens = sum(len(s) for s in pair)
+    long_w = None
+    if with_long:
+        longs = [e.long_w for e in examples]
+        ids, attn, masks = collate(longs, pad_id)
+        long_w = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])[0]
+        tokens += sum(len(s) for s in longs)
+    return Batch(chosen=chosen, rejected=rejected, long_w=long_w, nll_w=nll_w), tokens
+
+
+# --- DPO reference log-probs: computed once before training, cached with the data ---------------------------------
+REF_COLUMNS = ("ref_chosen", "ref_rejected", "ref_long_w")
+
+
+@torch.no_grad()
+def compute_ref_logps(
+    forward, examples: list[Example], pad_id: int, batch_size: int, desc: str, device: torch.device, with_long: bool
+) -> dict[str, list]:
+    from tqdm import tqdm
+
+    out = {"id": [], "ref_chosen": [], "ref_rejected": [], "ref_long_w": []}
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    for s in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not rank0):
+        chunk = examples[s : s + batch_size]
+        batch, _ = micro_batch_logps(forward, chunk, pad_id, with_long, False, device)
+        out["id"] += [e.id for e in chunk]
+        out["ref_chosen"] += batch.chosen.total.float().cpu().tolist()
+        out["ref_rejected"] += batch.rejected.total.float().cpu().tolist()
+        out["ref_long_w"] += (
+            batch.long_w.total.float().cpu().tolist() if batch.long_w is not None else [None] * len(chunk)
+        )
+    return out
+
+
+def _examples_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        for s in (e.chosen, e.rejected, e.long_w):
+            if s is not None:
+                h.update(json.dumps([s.prompt, s.completion]).encode())
+    return h.hexdigest()
+
+
+# --- the whole run ------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    cfg,
+    model_path: str,
+    table: pa.Table | None = None,
+    data_path: str | None = None,
+    out_dir: str | Path = "runs/train",
+    seed: int = 0,
+    source: str = "export/data.parquet",
+    ctx=None,
+) -> dict[str, Any]:
+    """Train one model; returns the result (model path, steps, final metrics). Runs on every rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    notes: list[str] = []
+    drops_out: dict[str, list[str]] = {}
+
+    def note(msg: str) -> None:
+        if ctx is not None:
+            ctx.note(msg)
+        elif rank == 0:
+            log.warning("[train] %s", msg)
+        notes.append(msg)
+
+    # -- distributed env, dtype, attention
+    use_ds = cfg.deepspeed != "none"
+    rank, local_rank, world = init_distributed(use_ds)
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = pick_dtype(cfg.dtype)
+    attn = pick_attn(cfg.attn)
+    if cfg.attn == "auto" and torch.cuda.is_available() and attn == "sdpa":
+        note("flash-attn is not installed: using sdpa attention (pip install flash-attn for the varlen kernels)")
+    params = resolve_params(cfg)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if rank == 0:
+        log.info(
+            "[train] %s-%s alpha=%g beta=%g on %s x%d, dtype %s, attention %s, deepspeed %s",
+            cfg.algo, cfg.mode, params.alpha, params.beta, device.type, world, dtype, attn, cfg.deepspeed,
+        )
+
+    # -- DeepSpeed config (HfDeepSpeedConfig must exist before from_pretrained for ZeRO-3 partitioned loading)
+    ds_config = build_ds_config(cfg, dtype, world) if use_ds else None
+    _keep_alive = None
+    if use_ds and cfg.deepspeed == "zero3":
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weakref)
+
+    # -- model and tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    lm.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = CompletionLogps(lm, chunk_size=cfg.logps_chunk)
+    if not use_ds:
+        module.to(device)
+
+    # -- data
+    if table is None:
+        if data_path is None:
+            raise SolopoError("train() needs a table or a data_path")
+        table = read_parquet(data_path)
+    table, target_len = select_target_len(table, cfg.target_len, source)
+    # The (x_long, y_w) forward only exists for SoLo-RA; solo with alpha=0 is the short-only baseline.
+    with_long = cfg.mode == "solo" and params.alpha > 0
+    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length)
+    for reason, ids in drops.items():
+        drops_out[reason] = ids
+        if ctx is not None:
+            for i in ids:
+                ctx.drop(reason, example=i)
+        if rank == 0:
+            log.warning("[train] dropped %d example(s): %s (e.g. %s)", len(ids), reason, ids[:3])
+    if not examples:
+        raise SolopoError(f"no training examples left from {source} (drops: { {k: len(v) for k, v in drops.items()} })")
+
+    # -- optimizer, steps
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(len(examples) / global_batch))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if use_ds and cfg.offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    if use_ds:
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise MissingDependencyError("deepspeed", "pip install deepspeed", f"train.deepspeed={cfg.deepspeed}") from e
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        backend: PlainBackend = DeepSpeedBackend(engine, cfg)
+        device = engine.device if hasattr(engine, "device") else device
+    else:
+        backend = PlainBackend(module, optimizer, scheduler, cfg)
+    forward = backend.forward
+
+    # -- model dir, checkpoints
+    out_dir = Path(out_dir)
+    model_dir = out_dir / "models" / f"{cfg.algo}-{cfg.mode}"
+    ckpt_dir = model_dir.with_name(model_dir.name + ".checkpoints")
+    run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "model": model_path, "seed": seed, "world": world,
+                           "data": _examples_digest(examples)})
+
+    # -- DPO reference log-probs, once, with the initial weights (= the reference); cached with the data
+    ref = None
+    if cfg.algo == "dpo":
+        ref = _reference_logps(forward, module, examples, pad_id, cfg, out_dir, model_path, rank, note, device)
+
+    # -- resume
+    state = RunState()
+    if cfg.resume and cfg.save_steps > 0:
+        latest = _latest_checkpoint(ckpt_dir, run_key)
+        if latest is not None:
+            client = backend.load_checkpoint(latest)
+            state.step = int(client.get("step", 0))
+            state.history = list(client.get("history", []))
+            note(f"resumed from checkpoint {latest} at step {state.step}")
+        elif ckpt_dir.exists() and any(ckpt_dir.glob("step-*")):
+            note(f"checkpoints in {ckpt_dir} belong to another config/data; starting from step 0")
+            if rank == 0:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+    # -- loop
+    objective = OBJECTIVES[cfg.algo]
+    writer = _make_writer(cfg, model_dir, rank)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {cfg.algo}-{cfg.mode}", disable=rank != 0)
+    lengths = [e.tokens for e in examples]
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    module.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        while state.step < total_steps:
+            epoch, in_epoch = divmod(state.step, steps_per_epoch)
+            # Global batches of this epoch; this rank takes its slice of each.
+            batches = length_grouped_batches(lengths, global_batch, seed, epoch)
+            step_idx = batches[in_epoch][rank * per_step : (rank + 1) * per_step]
+            t0 = time.time()
+            agg = _Agg()
+            for m in range(cfg.grad_accum):
+                idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+                chunk = [examples[i] for i in idx]
+                batch, tokens = micro_batch_logps(forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device)
+                if ref is not None:
+                    _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
+                out = objective(batch, params)
+                loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {state.step + 1}, micro-batch {m + 1}/{cfg.grad_accum}, "
+                        f"examples {[e.id for e in chunk]}: lower train.lr or train.max_grad_norm, use dtype=fp32, or check "
+                        "these examples"
+                    )
+                backend.backward(loss)
+                backend.micro_done(boundary=m == cfg.grad_accum - 1)
+                agg.add(out, tokens)
+            state.step += 1
+            row = agg.finish(time.time() - t0, device, world)
+            row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=backend.grad_norm)
+            state.history.append(row)
+            if rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == total_steps):
+                _log_row(row, model_dir, writer)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
+                backend.save_checkpoint(
+                    ckpt_dir / f"step-{state.step}", {"step": state.step, "history": state.history, "run_key": run_key}
+                )
+                if rank == 0:
+                    write_json({"run_key": run_key, "step": state.step}, ckpt_dir / f"step-{state.step}" / "solopo.json")
+    except torch.OutOfMemoryError as e:
+        raise TrainingError(
+            f"out of memory at step {state.step + 1} ({e.__class__.__name__}). Options that help: train on a shorter "
+            "long context (train.target_len or synth.target_len), train.micro_batch_size=1 with a larger "
+            "train.grad_accum, train.gradient_checkpointing=true, train.deepspeed=zero3 with train.offload=optimizer "
+            "or full, a smaller train.logps_chunk, or more GPUs (train.num_processes)"
+        ) from None
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+
+    # -- save the final model in HF format
+    sd = backend.full_state_dict()
+    if rank == 0:
+        _save_model(lm, tokenizer, sd, model_dir)
+        if cfg.save_steps > 0:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        _plot(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
+        write_parquet(pa.Table.from_pylist(state.history) if state.history else pa.table({}), model_dir / "history.parquet")
+    _barrier()
+    last = state.history[-1] if state.history else {}
+    tail = state.history[-max(1, min(len(state.history), 5)) :]
+    final = {k: last[k] for k in ("loss", "po_loss", "ra_loss", "reward_chosen", "reward_rejected", "reward_acc",
+                                  "ra_distance", "tokens_per_s", "peak_mem_gb") if k in last}
+    if tail:
+        final["loss_last5_mean"] = sum(r["loss"] for r in tail) / len(tail)
+    return {
+        "model_path": str(model_dir.resolve()),
+        "algo": cfg.algo,
+        "mode": cfg.mode,
+        "alpha": params.alpha,
+        "beta": params.beta,
+        "steps": state.step,
+        "examples": len(examples),
+        "target_len": target_len,
+        "final": final,
+        "seconds": round(time.time() - t_start, 2),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "peak_mem_gb": max((r["peak_mem_gb"] for r in state.history), default=None),
+        "world_size": world,
+        "attn": attn,
+        "dtype": str(dtype).removeprefix("torch."),
+        "deepspeed": cfg.deepspeed,
+        "notes": notes,
+        "drops": drops_out,
+    }
+
+
+class _Agg:
+    """Sums per-example values over a step's micro-batches, then reduces across ranks."""
+
+    KEYS = ("loss", "po_loss", "ra_loss", "reward_chosen", "reward_rejected", "reward_acc", "ra_distance")
+
+    def __init__(self):
+        self.sums = torch.zeros(len(self.KEYS) + 2, dtype=torch.float64)  # + examples, tokens
+
+    def add(self, out: LossOutput, tokens: int) -> None:
+        vals = [out.loss.detach(), out.po_loss, out.ra_loss, out.reward_chosen, out.reward_rejected,
+                (out.reward_chosen > out.reward_rejected).float(), out.ra_distance]
+        for i, v in enumerate(vals):
+            self.sums[i] += float(v.float().sum())
+        self.sums[-2] += out.loss.shape[0]
+        self.sums[-1] += tokens
+
+    def finish(self, seconds: float, device: torch.device, world: int) -> dict[str, float]:
+        s = _all_reduce(self.sums.to(device if device.type == "cuda" else "cpu")).cpu()
+        mem = _all_reduce(torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max")
+        n = max(1.0, float(s[-2]))
+        row = {k: float(s[i]) / n for i, k in enumerate(self.KEYS)}
+        row.update(tokens=int(s[-1]), step_seconds=seconds, tokens_per_s=float(s[-1]) / max(seconds, 1e-9),
+                   peak_mem_gb=float(mem.item()))
+        return row
+
+
+def _attach_ref(batch: Batch, chunk: list[Example], ref: dict[str, dict[str, float]], ra_ref: str, device) -> None:
+    def col(name: str) -> torch.Tensor:
+        return torch.tensor([ref[e.id][name] for e in chunk], dtype=torch.float32, device=device)
+
+    batch.ref_chosen, batch.ref_rejected = col("ref_chosen"), col("ref_rejected")
+    if batch.long_w is not None:
+        # ra_ref=short reuses pi_ref(y_w | x_short) as the long reward's reference (LongPO-style).
+        batch.ref_long_w = col("ref_long_w") if ra_ref == "long" else batch.ref_chosen
+
+
+def _reference_logps(forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, note, device):
+    """pi_ref log-probs for every sequence the loss needs, computed once with the initial weights and cached in
+    out_dir/ref_logps/<key>.parquet (the key covers the model, the tokenized data and the mode)."""
+    from solopo.pipeline.io import dir_fingerprint
+
+    mp = Path(model_path)
+    model_fp = dir_fingerprint(mp)["sha256"] if mp.is_dir() else model_path
+    key = stable_hash({"model": model_fp, "data": _examples_digest(examples), "mode": cfg.mode,
+                       "ra_ref": cfg.ra_ref, "dtype": cfg.dtype, "attn": cfg.attn})[:16]
+    path = out_dir / "ref_logps" / f"{key}.parquet"
+    if path.exists():
+        rows = read_parquet(path).to_pylist()
+        note(f"DPO reference log-probs loaded from the cache {path}")
+    else:
+        was_training = module.training
+        module.eval()
+        # ra_ref=short reuses pi_ref(y_w | x_short): no long reference forward needed.
+        with_long = examples[0].long_w is not None and cfg.ra_ref == "long"
+        cols = compute_ref_logps(forward, examples, pad_id, cfg.micro_batch_size, "DPO reference log-probs", device, with_long)
+        module.train(was_training)
+        rows = pa.table(cols).to_pylist()
+        if rank == 0:
+            write_parquet(pa.table(cols), path)
+    return {r["id"]: r for r in rows}
+
+
+def _latest_checkpoint(ckpt_dir: Path, run_key: str) -> Path | None:
+    if not ckpt_dir.exists():
+        return None
+    found = []
+    for p in ckpt_dir.glob("step-*"):
+        meta = p / "solopo.json"
+        if meta.exists() and json.loads(meta.read_text()).get("run_key") == run_key:
+            found.append((int(p.name.split("-")[1]), p))
+    return max(found)[1] if found else None
+
+
+def _save_model(lm, tokenizer, state_dict, model_dir: Path) -> None:
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    for extra in ("logs.jsonl",):
+        if (model_dir / extra).exists():
+            shutil.copy2(model_dir / extra, tmp / extra)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    os.replace(tmp, model_dir)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _make_writer(cfg, model_dir: Path, rank: int):
+    if rank != 0 or cfg.report_to == "none":
+        return None
+    if cfg.report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise MissingDependencyError("tensorboard", "pip install tensorboard", "train.report_to=tensorboard") from e
+        return SummaryWriter(log_dir=str(model_dir.with_name(model_dir.name + ".tensorboard")))
+    try:
+        import wandb
+    except ImportError as e:
+        raise MissingDependencyError("wandb", "pip install wandb", "train.report_to=wandb") from e
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "solopo"), name=model_dir.name, config=cfg.model_dump())
+
+    class _W:
+        def add_scalar(self, k, v, step):
+            run.log({k: v}, step=step)
+
+        def close(self):
+            run.finish()
+
+    return _W()
+
+
+def _log_row(row: dict, model_dir: Path, writer) -> None:
+    log.info(
+        "[train] step %d loss %.4f (po %.4f + ra %.4f) r_w %.3f r_l %.3f acc %.2f ra_dist %.3f %.0f tok/s peak %.2f GB",
+        row["step"], row["loss"], row["po_loss"], row["ra_loss"], row["reward_chosen"], row["reward_rejected"],
+        row["reward_acc"], row["ra_distance"], row["tokens_per_s"], row["peak_mem_gb"],
+    )
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with open(model_dir / "logs.jsonl", "a") as f:  # append-only log; the model dir is replaced at the end
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(f"train/{k}", v, row["step"])
+
+
+def _plot(history: list[dict], path: Path, title: str) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for k in ("loss", "po_loss", "ra_loss"):
+        axes[0].plot(steps, [r[k] for r in history], label=k)
+    axes[0].set_title("loss = po + ra")
+    for k in ("reward_chosen", "reward_rejected"):
+        axes[1].plot(steps, [r[k] for r in history], label=k)
+    axes[1].plot(steps, [r["reward_acc"] for r in history], label="reward_acc")
+    axes[1].set_title("short rewards")
+    axes[2].plot(steps, [r["ra_distance"] for r in history], label="|r_short - r_long|")
+    axes[2].set_title("RA distance (chosen)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["TrainingError", "build_ds_config", "compute_ref_logps", "micro_batch_logps", "resolve_params", "train"]
