@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import field_validator
+from tqdm.auto import tqdm
 
 from solopo.pipeline.config import StageConfig, format_length, parse_lengths, register_preset
 from solopo.pipeline.errors import ConfigError, SolopoError
@@ -202,17 +203,28 @@ class EvalStage(Stage):
         for label, path in models:
             log.info("[eval] %s (%s): %d prompts", label, path, len(rows))
             backend = get_backend(
-                self.config.backend, path, ctx_note=self.ctx.note, trust_remote_code=self.ctx.run.trust_remote_code
+                self.config.backend,
+                path,
+                ctx_note=self.ctx.note,
+                trust_remote_code=self.ctx.run.trust_remote_code,
+                batch_size=self.config.batch_size,
             )
             self.ctx.stat("backend", backend.name)
-            gens = backend.generate(
-                [r["long_prompt"] for r in rows],
-                n=1,
-                temperature=0.0,
-                top_p=1.0,
-                max_tokens=self.config.max_tokens,
-                seed=self.ctx.run.seed,
-            )
+            with tqdm(total=len(rows), desc=f"eval {label}", unit="q", dynamic_ncols=True) as bar:
+
+                def progress(n_done: int, n_tokens: int, bar=bar) -> None:
+                    bar.update(n_done)
+                    bar.set_postfix(tokens=n_tokens)
+
+                gens = backend.generate(
+                    [r["long_prompt"] for r in rows],
+                    n=1,
+                    temperature=0.0,
+                    top_p=1.0,
+                    max_tokens=self.config.max_tokens,
+                    seed=self.ctx.run.seed,
+                    progress=progress,
+                )
             if hasattr(backend, "close"):
                 backend.close()
             for r, g in zip(rows, gens, strict=True):
