@@ -1,16 +1,91 @@
-"""Stage `sample`: CoT answers on the short prompts. (skeleton: owned by issue 3)"""
+"""Stage `sample`: chain-of-thought answers sampled on the short prompts (and optionally on the long ones).
+
+Input: synth's rows, one per (id, target_len). The short prompt does not depend on target_len, so each
+question is sampled once (deduplicated by id). With `on: both` every long prompt is sampled too (the
+Long-PO baseline trains on pairs sampled on x_long); those land in `long_samples`, one entry per target_len.
+
+Output, one row per question: id, question, answers, short_prompt, dataset, samples, finish_reasons,
+sample_tokens, backend, seed, long_samples (list of {target_len, samples, finish_reasons, sample_tokens};
+empty with `on: short`). Sharded by input rows: a crash after 3 of 10 shards loses nothing.
+"""
 
 from __future__ import annotations
 
-from solopo.pipeline.config import StageConfig
+import hashlib
+import time
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from solopo.pipeline.config import StageConfig, register_preset
+from solopo.pipeline.errors import DataError
+from solopo.pipeline.io import dir_fingerprint
 from solopo.pipeline.stage import Stage
 
 from . import register
 
+PAPER_N, PAPER_TEMPERATURE = 32, 0.85
+
+_LONG_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("target_len", pa.int64()),
+            pa.field("samples", pa.list_(pa.string())),
+            pa.field("finish_reasons", pa.list_(pa.string())),
+            pa.field("sample_tokens", pa.list_(pa.int32())),
+        ]
+    )
+)
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("question", pa.string()),
+        pa.field("answers", pa.list_(pa.string())),
+        pa.field("short_prompt", pa.string()),
+        pa.field("dataset", pa.string()),
+        pa.field("samples", pa.list_(pa.string())),
+        pa.field("finish_reasons", pa.list_(pa.string())),
+        pa.field("sample_tokens", pa.list_(pa.int32())),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("backend", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("long_samples", _LONG_TYPE),
+    ]
+)
+
 
 class SampleConfig(StageConfig):
-    backend: str = "auto"
-    n: int = 32
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    n: int = Field(default=PAPER_N, ge=1, description="samples per prompt (paper: 32)")
+    temperature: float = Field(default=PAPER_TEMPERATURE, ge=0.0, description="0 = greedy (paper: 0.85)")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=1024, ge=1, description="max generated tokens per sample")
+    on: Literal["short", "both"] = "short"
+    seed: int | None = Field(default=None, description="None = run.seed")
+    shard_size: int = Field(default=64, ge=1, description="input rows per resumable shard")
+    # transformers backend
+    batch_size: int = Field(default=32, ge=1, description="transformers: sequences (prompts x n) per generate call")
+    dtype: str = "auto"
+    # vLLM backend
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM LLM(...) args")
+
+
+# The embedded 135M model on 2 CPU cores: 8 samples of at most 192 tokens per question (paper: 32, no cap
+# stated). The stage states the reduction in its log, manifest and the data card.
+register_preset("cpu-demo", {"sample": {"n": 8, "max_tokens": 192, "shard_size": 16, "batch_size": 32}})
+
+
+def question_seed(run_seed: int, qid: str) -> int:
+    """Seed of one question's samples: depends on the run seed and the id only, not on batch or shard."""
+    h = hashlib.sha256(f"{run_seed}:{qid}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
 
 
 @register
@@ -18,5 +93,221 @@ class SampleStage(Stage):
     name = "sample"
     Config = SampleConfig
     after = "synth"
-    reads = ("id", "short_prompt")
-    writes = ("id", "samples")
+    version = "1"
+    reads = ("id", "question", "answers", "short_prompt", "long_prompt", "target_len")
+    writes = (
+        "id",
+        "question",
+        "answers",
+        "short_prompt",
+        "samples",
+        "finish_reasons",
+        "sample_tokens",
+        "backend",
+        "long_samples",
+    )
+
+    def shard_rows(self) -> int | None:
+        return self.config.shard_size
+
+    def _seed(self) -> int:
+        return self.ctx.run.seed if self.config.seed is None else self.config.seed
+
+    def fingerprint(self) -> dict[str, Any]:
+        from solopo.backends import resolve_backend_name
+        from solopo.models import resolve_model
+
+        path = resolve_model(self.ctx.run.model)
+        model = dir_fingerprint(path) if not _is_hub_id(path) else {"hub_id": path}
+        # 'auto' resolves by what is installed: a machine with vLLM must not reuse transformers' samples.
+        return {"model": model, "backend": resolve_backend_name(self.config.backend)}
+
+    def setup(self) -> None:
+        from solopo.backends import get_backend
+        from solopo.models import resolve_model
+
+        c = self.config
+        if c.n != PAPER_N or c.temperature != PAPER_TEMPERATURE:
+            preset = self.ctx.run.preset
+            self.ctx.note(
+                f"sampling n={c.n} at T={c.temperature}, max_tokens={c.max_tokens} "
+                f"(paper: n={PAPER_N}, T={PAPER_TEMPERATURE})" + (f" from preset {preset}" if preset else "")
+            )
+        self.backend = get_backend(
+            c.backend,
+            resolve_model(self.ctx.run.model),
+            ctx_note=self.ctx.note,
+            trust_remote_code=self.ctx.run.trust_remote_code,
+            dtype=c.dtype,
+            batch_size=c.batch_size,
+            tensor_parallel_size=c.tensor_parallel_size,
+            enable_prefix_caching=c.enable_prefix_caching,
+            gpu_memory_utilization=c.gpu_memory_utilization,
+            max_model_len=c.max_model_len,
+            enforce_eager=c.enforce_eager,
+            engine_kwargs=dict(c.engine_kwargs),
+            seed=self._seed(),
+        )
+        self.ctx.stat("backend", self.backend.name)
+
+    def teardown(self) -> None:
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
+            self.backend = None
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self, data: pa.Table) -> pa.Table:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        rows = data.to_pylist()
+        questions: dict[str, dict[str, Any]] = {}  # id -> first row (insertion order = input order)
+        longs: dict[str, list[tuple[int, str]]] = {}
+        for r in rows:
+            qid = r["id"]
+            if qid not in questions:
+                questions[qid] = r
+            elif r["short_prompt"] != questions[qid]["short_prompt"]:
+                raise DataError(
+                    f"question {qid} has different short prompts at target_len {questions[qid]['target_len']} "
+                    f"and {r['target_len']}; the short prompt must not depend on the long length",
+                    field="short_prompt",
+                    hint="rerun synth",
+                )
+            if c.on == "both":
+                longs.setdefault(qid, []).append((int(r["target_len"]), r["long_prompt"]))
+
+        # Jobs: (id, target_len or None for the short prompt, prompt text).
+        jobs = [(qid, None, q["short_prompt"]) for qid, q in questions.items()]
+        for qid, items in longs.items():
+            jobs.extend((qid, tl, p) for tl, p in sorted(items))
+        jobs = self._drop_too_long(jobs)
+
+        seed = self._seed()
+        bar = tqdm(total=len(jobs), desc=f"sample[{self.backend.name}]", unit="prompt", dynamic_ncols=True)
+        t0, tokens = time.time(), 0
+
+        def progress(done: int, toks: int) -> None:
+            nonlocal tokens
+            tokens += toks
+            bar.update(done)
+            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
+
+        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
+        chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, c.batch_size // c.n) * 4
+        gens: dict[tuple[str, int | None], list] = {}
+        try:
+            for start in range(0, len(jobs), chunk):
+                part = jobs[start : start + chunk]
+                seeds = [question_seed(seed, qid) + (tl or 0) for qid, tl, _ in part]
+                outs = self.backend.generate(
+                    [p for _, _, p in part],
+                    n=c.n,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    max_tokens=c.max_tokens,
+                    seed=seeds,
+                    progress=progress,
+                )
+                for (qid, tl, _), g in zip(part, outs, strict=True):
+                    gens[(qid, tl)] = g
+        finally:
+            bar.close()
+        seconds = time.time() - t0
+
+        out = []
+        n_short = n_trunc = 0
+        for qid, q in questions.items():
+            g = gens.get((qid, None))
+            if g is None:
+                continue  # dropped: prompt longer than the context
+            n_short += 1
+            n_trunc += sum(x.finish_reason == "length" for x in g)
+            long_entries = []
+            for tl, _ in sorted(longs.get(qid, [])):
+                lg = gens.get((qid, tl))
+                if lg is None:
+                    continue
+                long_entries.append(
+                    {
+                        "target_len": tl,
+                        "samples": [x.text for x in lg],
+                        "finish_reasons": [x.finish_reason for x in lg],
+                        "sample_tokens": [x.num_tokens for x in lg],
+                    }
+                )
+            out.append(
+                {
+                    "id": qid,
+                    "question": q["question"],
+                    "answers": list(q["answers"]),
+                    "short_prompt": q["short_prompt"],
+                    "dataset": q.get("dataset"),
+                    "samples": [x.text for x in g],
+                    "finish_reasons": [x.finish_reason for x in g],
+                    "sample_tokens": [x.num_tokens for x in g],
+                    "prompt_tokens": self._prompt_len.get((qid, None)),
+                    "backend": self.backend.name,
+                    "seed": question_seed(seed, qid),
+                    "long_samples": long_entries,
+                }
+            )
+        self.ctx.stat("questions", n_short, "sum")
+        self.ctx.stat("prompts", len(jobs), "sum")
+        self.ctx.stat("generated_tokens", tokens, "sum")
+        self.ctx.stat("generation_seconds", round(seconds, 3), "sum")
+        self.ctx.stat("short_samples", n_short * c.n, "sum")
+        self.ctx.stat("short_samples_truncated", n_trunc, "sum")
+        return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
+
+    def _drop_too_long(self, jobs: list[tuple[str, int | None, str]]) -> list[tuple[str, int | None, str]]:
+        """Drop prompts that leave no room for max_tokens in the model's context (vLLM would refuse them)."""
+        lengths = self.backend.prompt_lengths([p for _, _, p in jobs])
+        self._prompt_len = {(qid, tl): n for (qid, tl, _), n in zip(jobs, lengths, strict=True)}
+        limit = self.backend.max_context
+        if limit is None:
+            return jobs
+        keep = []
+        short_dropped = set()
+        for (qid, tl, p), n in zip(jobs, lengths, strict=True):
+            if n + self.config.max_tokens > limit:
+                reason = "prompt_exceeds_context" if tl is None else "long_prompt_exceeds_context"
+                self.ctx.drop(reason, example=qid if tl is None else f"{qid}@{tl}")
+                if tl is None:
+                    short_dropped.add(qid)
+                continue
+            keep.append((qid, tl, p))
+        if short_dropped or len(keep) < len(jobs):
+            self.ctx.note(
+                f"prompts of more than {limit} - max_tokens ({self.config.max_tokens}) tokens are skipped "
+                f"(model context {limit}); counted under drops"
+            )
+        return [j for j in keep if j[0] not in short_dropped]
+
+    def finalize(self, table: pa.Table) -> pa.Table:
+        # An id split across two shards (input not grouped by id) is sampled twice: keep its first row.
+        ids = table.column("id").to_pylist()
+        seen: set[str] = set()
+        keep = []
+        for i, qid in enumerate(ids):
+            if qid not in seen:
+                seen.add(qid)
+                keep.append(i)
+        if len(keep) < len(ids):
+            self.ctx.note(
+                f"{len(ids) - len(keep)} question(s) appeared in two shards and were sampled twice; kept the "
+                "first (group synth rows by id to avoid the extra work)"
+            )
+            table = table.take(keep)
+        stats = self.ctx.stats
+        if stats.get("generation_seconds"):
+            self.ctx.stat("tokens_per_second", round(stats["generated_tokens"] / stats["generation_seconds"], 1))
+            self.ctx.stat("questions_per_second", round(stats["questions"] / stats["generation_seconds"], 4))
+        return table
+
+
+def _is_hub_id(path: str) -> bool:
+    from pathlib import Path
+
+    return not Path(path).exists()

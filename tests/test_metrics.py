@@ -1,0 +1,106 @@
+"""Hand-worked cases for answer extraction, normalization and sub-EM."""
+
+from __future__ import annotations
+
+import pytest
+
+from solopo.metrics import (
+    distinct_ngram_ratio,
+    extract_final_answer,
+    extract_final_answer_with_source,
+    is_repetitive,
+    normalize_answer,
+    sub_em,
+)
+
+
+@pytest.mark.parametrize(
+    "text, expected, how",
+    [
+        ("Doc 2 says Paris.\nThe answer is: Paris", "Paris", "prefix"),
+        ("Reasoning...\nThe answer is: **Paris**.", "Paris", "prefix"),
+        ('The answer is: "The Beatles"\n', "The Beatles", "prefix"),
+        # the last prefix wins (models restate the template while reasoning)
+        ("I must end with The answer is: X. Step 1 ...\nThe answer is: 1963.", "1963", "prefix"),
+        # answer on the next line after the prefix
+        ("The answer is:\nU.S. Navy", "U.S. Navy", "prefix"),
+        # case-insensitive prefix
+        ("so THE ANSWER IS: Lyon", "Lyon", "prefix"),
+        # fallbacks
+        ("Thinking... so the final answer is Marseille.", "Marseille", "answer_is"),
+        ("The answer to this question is Nice", "Nice", "answer_is"),
+        ("Step 1: ...\n**Answer:** Toulouse", "Toulouse", "answer_colon"),
+        ("Therefore $\\boxed{42}$", "42", "boxed"),
+        # nothing to extract
+        ("I am not sure which document applies.", None, "none"),
+        ("", None, "none"),
+        ("The answer is:   ", None, "none"),
+    ],
+)
+def test_extract_final_answer(text, expected, how):
+    ans, src = extract_final_answer_with_source(text)
+    assert ans == expected
+    assert src == how
+    assert extract_final_answer(text) == expected
+
+
+def test_extract_none_input():
+    assert extract_final_answer(None) is None
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("The Beatles", "beatles"),
+        ("  An   Apple,  a day! ", "apple day"),
+        ("U.S.A.", "usa"),
+        ("Pelé", "pele"),
+        ("Saint-Étienne", "saintetienne"),
+        ("“Quoted” — dash", "quoted dash"),
+        ("theatre", "theatre"),  # articles only as whole words
+        ("A", ""),
+    ],
+)
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_sub_em_articles_case_punctuation():
+    assert sub_em("the Eiffel Tower.", ["Eiffel tower"])
+    assert sub_em("Eiffel Tower", "The Eiffel Tower")  # a single gold string works too
+
+
+def test_sub_em_aliases():
+    golds = ["United States of America", "USA", "U.S."]
+    assert sub_em("It is the U.S.A.", golds)  # 'usa' alias inside 'it is usa'
+    assert sub_em("U.S.", golds)
+    assert not sub_em("Canada", golds)
+
+
+def test_sub_em_substring_direction():
+    # gold inside prediction counts; prediction inside gold does not
+    assert sub_em("John Lennon of the Beatles", ["John Lennon"])
+    assert not sub_em("Lennon", ["John Lennon"])
+
+
+def test_sub_em_edge_cases():
+    assert not sub_em(None, ["Paris"])
+    assert not sub_em("", ["Paris"])
+    assert not sub_em("...", ["Paris"])
+    # a gold that normalizes to nothing must not match everything
+    assert not sub_em("anything", ["The", "a"])
+    assert sub_em("1963", ["1963"]) and not sub_em("1962", ["1963"])
+
+
+def test_repetition():
+    loop = "the answer is in document 3 " * 12
+    ratio, total = distinct_ngram_ratio(loop, 4)
+    assert total == 6 * 12 - 3
+    assert ratio < 0.2
+    assert is_repetitive(loop)
+    normal = (
+        "Document 2 says the band was formed in Liverpool. Document 5 says Liverpool is in England. "
+        "So the band is from England.\nThe answer is: England"
+    )
+    assert not is_repetitive(normal)
+    assert not is_repetitive("yes yes yes")  # too short to judge

