@@ -118,8 +118,14 @@ def get_backend(
         if not vllm_available():
             raise MissingDependencyError("vllm", VLLM_INSTALL, "The vllm backend was requested.")
         return VLLMBackend(model_path, **opts)
-    vllm_only = {"tensor_parallel_size", "enable_prefix_caching", "gpu_memory_utilization", "enforce_eager",
-                 "engine_kwargs", "max_model_len"}
+    vllm_only = {
+        "tensor_parallel_size",
+        "enable_prefix_caching",
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "engine_kwargs",
+        "max_model_len",
+    }
     return TransformersBackend(model_path, **{k: v for k, v in opts.items() if k not in vllm_only})
 
 
@@ -316,9 +322,16 @@ class TransformersBackend:
                 gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             else:
                 gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            input_ids, attn = input_ids.to(self.device), attn.to(self.device)
             with torch.inference_mode():
+                if n_gen > 1:
+                    # Prefill each prompt once and share its KV cache across the n samples: generate's
+                    # num_return_sequences would prefill every copy (n times the prompt compute).
+                    gen_kw.pop("num_return_sequences")
+                    gen_kw["past_key_values"] = self._prefill(input_ids, attn, n_gen)
+                    input_ids, attn = input_ids.repeat_interleave(n_gen, 0), attn.repeat_interleave(n_gen, 0)
                 out = self.model.generate(
-                    input_ids=input_ids.to(self.device), attention_mask=attn.to(self.device), **gen_kw
+                    input_ids=input_ids, attention_mask=attn, **gen_kw
                 )  # (g * n_gen, width + new)
             new = out[:, width:].cpu()  # (g * n_gen, new)
             tokens = 0
@@ -338,6 +351,22 @@ class TransformersBackend:
             if progress is not None:
                 progress(len(group), tokens)
         return [r for r in results if r is not None]
+
+    def _prefill(self, input_ids: Any, attn: Any, n: int) -> Any:
+        """KV cache of every prompt but its last token (generate feeds that one), repeated n times per row."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at position 0
+        self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attn[:, :-1],
+            position_ids=pos[:, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache.batch_repeat_interleave(n)  # (g, ...) -> (g * n, ...), rows in generate's order
+        return cache
 
     def close(self) -> None:
         del self.model

@@ -181,7 +181,10 @@ def test_tiny_model_sampling_manifest_and_progress(tmp_path, tiny_model_dir, cap
         assert all(1 <= t <= 5 for t in r["sample_tokens"])
         assert all(f in ("stop", "length") for f in r["finish_reasons"])
         # "length" exactly when the cap was hit without an EOS
-        assert all((f == "length") == (t == 5 and f != "stop") for f, t in zip(r["finish_reasons"], r["sample_tokens"], strict=True))
+        assert all(
+            (f == "length") == (t == 5 and f != "stop")
+            for f, t in zip(r["finish_reasons"], r["sample_tokens"], strict=True)
+        )
         assert r["backend"] == "transformers" and r["prompt_tokens"] > 20
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["shards"]["count"] == 3
@@ -236,3 +239,42 @@ def test_auto_picks_transformers_without_vllm(tmp_path, tiny_model_dir):
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["fingerprint"]["backend"] == "transformers"
     assert any("backend auto -> transformers" in n for n in m["notes"])
+
+
+def test_shared_prefill_matches_per_copy_prefill(tiny_model_dir):
+    """Sampling from one prefilled KV cache per prompt gives the same tokens as generate's own
+    num_return_sequences (which prefills every copy): same logits, same random stream."""
+    import torch
+
+    b = TransformersBackend(str(tiny_model_dir), batch_size=8)
+    prompts = ["Question: where is it?", "Another, much longer question about a place and a year?"]
+    ours = b.generate(prompts, n=3, temperature=1.0, top_p=1.0, max_tokens=8, seed=[5, 5])
+    from solopo.backends import render_chat_ids
+
+    ids = [render_chat_ids(b.tokenizer, p) for p in prompts]
+    order = sorted(range(2), key=lambda i: len(ids[i]))
+    width = max(map(len, ids))
+    input_ids = torch.full((2, width), b.pad_id)
+    attn = torch.zeros((2, width), dtype=torch.long)
+    for row, i in enumerate(order):
+        input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+        attn[row, width - len(ids[i]) :] = 1
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        ref = b.model.generate(
+            input_ids=input_ids,
+            attention_mask=attn,
+            num_return_sequences=3,
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            pad_token_id=b.pad_id,
+            eos_token_id=sorted(b.eos_ids),
+        )[:, width:]
+    for row, i in enumerate(order):
+        for j in range(3):
+            seq = ref[row * 3 + j].tolist()
+            stop = next((k for k, t in enumerate(seq) if t in b.eos_ids), len(seq))
+            assert ours[i][j].text == b.tokenizer.decode(seq[:stop], skip_special_tokens=True)
