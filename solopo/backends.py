@@ -153,6 +153,7 @@ class VLLMBackend:
             from vllm import LLM
         except ImportError as e:
             raise MissingDependencyError("vllm", VLLM_INSTALL, f"Importing it failed: {e}.") from e
+        self.dtype = dtype  # "auto": vLLM takes the checkpoint's dtype
         kw: dict[str, Any] = dict(
             model=model_path,
             tokenizer=model_path,
@@ -250,8 +251,11 @@ class TransformersBackend:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
-            # bf16 on GPU; fp32 on CPU, where bf16 matmuls are slower on most cores.
-            torch_dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            # bf16 on GPU and on CPUs with bf16 matrix units; fp32 on other CPUs, where bf16 is emulated.
+            from solopo.hardware import cpu_has_native_bf16
+
+            fast_bf16 = self.device.startswith("cuda") or cpu_has_native_bf16()
+            torch_dtype = torch.bfloat16 if fast_bf16 else torch.float32
         else:
             torch_dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -259,6 +263,7 @@ class TransformersBackend:
             model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
+        self.dtype = str(torch_dtype).removeprefix("torch.")
         self.batch_size = max(1, batch_size)
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id

@@ -25,7 +25,10 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 # Fallbacks, tried in order when the fixed final line is missing. Each captures the rest of its line.
 _FALLBACKS: tuple[tuple[str, re.Pattern[str]], ...] = (
     # The fixed prefix with small variations ("Final answer is:", "the answer is Paris").
-    ("answer_is", re.compile(r"(?:final\s+)?answer(?:\s+to\s+(?:this|the)\s+question)?\s+is\s*[:：]?\s*(.+)", re.IGNORECASE)),
+    (
+        "answer_is",
+        re.compile(r"(?:final\s+)?answer(?:\s+to\s+(?:this|the)\s+question)?\s+is\s*[:：]?\s*(.+)", re.IGNORECASE),
+    ),
     # A line starting with "Answer:" / "Final answer:" (optionally bolded).
     ("answer_colon", re.compile(r"^\W*(?:final\s+)?answer\W*[:：]\s*(.+)", re.IGNORECASE | re.MULTILINE)),
     # LaTeX-style \boxed{...}.

