@@ -192,4 +192,4 @@ def test_load_config_validation():
         build_config(overrides=["load.dataset=squad", "load.on_bad_record=ignore", "load.colour=red"])
     msg = str(e.value)
     assert "3 config problem(s)" in msg and "unknown dataset 'squad'" in msg and "load.colour: unknown key" in msg
-    assert build_config(preset="cpu-demo").load.limit == 48
+    assert build_config(preset="cpu-demo").load.limit == 32

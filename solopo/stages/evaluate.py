@@ -66,7 +66,7 @@ class EvalConfig(StageConfig):
 
 register_preset(
     "cpu-demo",
-    {"eval": {"lengths": [1024, 2048], "n_questions": 12, "max_tokens": 160, "batch_size": 6}},
+    {"eval": {"lengths": [1024, 2048], "n_questions": 8, "max_tokens": 128, "batch_size": 8}},
 )
 
 

@@ -79,4 +79,4 @@ class LoadStage(Stage):
         return records_to_table(records)
 
 
-register_preset("cpu-demo", {"load": {"limit": 48}})
+register_preset("cpu-demo", {"load": {"limit": 32}})

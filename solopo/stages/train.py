@@ -27,7 +27,9 @@ log = logging.getLogger("solopo")
 class TrainConfig(StageConfig):
     algo: Literal["dpo", "simpo", "orpo"] = "orpo"
     mode: Literal["solo", "long", "expand-long", "short"] = "solo"
-    alpha: float | None = Field(default=None, description="SoLo-RA weight; None = paper default (DPO 3, SimPO 1, ORPO 1)")
+    alpha: float | None = Field(
+        default=None, description="SoLo-RA weight; None = paper default (DPO 3, SimPO 1, ORPO 1)"
+    )
     beta: float | None = Field(default=None, description="None = DPO 0.1 (TRL), SimPO 2.0 (SimPO paper)")
     gamma: float = Field(default=0.5, description="SimPO target reward margin")
     orpo_lambda: float = Field(default=0.1, description="ORPO odds-ratio weight (ORPO paper; TRL's ORPOConfig.beta)")
@@ -38,7 +40,9 @@ class TrainConfig(StageConfig):
     ra_ref: Literal["long", "short"] = Field(
         default="long", description="DPO long reward reference: pi_ref(y_w|x_long) precomputed, or reuse the short one"
     )
-    target_len: int | None = Field(default=None, description="which long length of the data to train on; None = largest")
+    target_len: int | None = Field(
+        default=None, description="which long length of the data to train on; None = largest"
+    )
     lr: float = 5e-7
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
@@ -51,6 +55,11 @@ class TrainConfig(StageConfig):
     max_length: int | None = Field(default=None, description="drop examples with a longer sequence (tokens)")
     logps_chunk: int = Field(default=1024, description="LM-head rows per chunk when computing completion log-probs")
     gradient_checkpointing: bool = True
+    shared_prefix: bool = Field(
+        default=False,
+        description="compute each pair's prompt once for chosen and rejected (one packed row, block-causal mask; "
+        "sdpa/eager attention) instead of a padded batch of two full sequences",
+    )
     deepspeed: Literal["zero3", "zero2", "none"] = "none"
     offload: Literal["none", "optimizer", "full"] = "none"
     launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
@@ -81,6 +90,8 @@ class TrainConfig(StageConfig):
             problems.append("offload needs deepspeed=zero2 or zero3")
         if self.offload == "full" and self.deepspeed != "zero3":
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
+        if self.shared_prefix and self.attn == "flash_attention_2":
+            problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
         if self.alpha is not None and self.alpha < 0:
             problems.append("alpha must be >= 0")
         if problems:
@@ -93,13 +104,13 @@ register_preset(
     "cpu-demo",
     {
         "train": {
-            "max_steps": 6,
+            "max_steps": 3,
             "micro_batch_size": 1,
             "grad_accum": 2,
             "lr": 1e-6,
             "gradient_checkpointing": False,
             "logps_chunk": 512,
-            "save_steps": 3,
+            "save_steps": 2,
         }
     },
 )

@@ -105,7 +105,9 @@ def build_examples(
                 "mode=long (Long-PO) trains on pairs sampled on x_long: rerun sampling with `sample.on=both` "
                 "(e.g. `solopo pair --set sample.on=both`), or use mode=expand-long to train short-sampled pairs on x_long"
             )
-        raise DataError(f"columns {missing} are missing for train.mode={mode}", path=source, field=missing[0], hint=hint)
+        raise DataError(
+            f"columns {missing} are missing for train.mode={mode}", path=source, field=missing[0], hint=hint
+        )
     if "pair_index" in table.column_names:
         cols.append("pair_index")  # several pairs per question: the example key is id#pair_index
     rows = table.select(list(dict.fromkeys(cols))).to_pylist()
@@ -142,7 +144,9 @@ def build_examples(
     return examples, drops
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, mega: int = 16) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, mega: int = 16
+) -> list[list[int]]:
     """Shuffle, then sort by length inside megabatches of `mega` batches (HF's LengthGroupedSampler idea):
     similar lengths share a padded batch while the order stays random. The last batch is filled cyclically so
     every batch (and every rank) has the same size."""
@@ -165,7 +169,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return out
 
 
-def collate(seqs: list[Seq], pad_id: int, full_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+def collate(
+    seqs: list[Seq], pad_id: int, full_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
     """Right-pad sequences. Returns input_ids (b, s), attention_mask (b, s) or None when nothing is padded,
     and target masks: [completion] or [completion, all tokens] with `full_mask` (ORPO's sequence NLL)."""
     s = max(len(q) for q in seqs)
@@ -182,3 +188,58 @@ def collate(seqs: list[Seq], pad_id: int, full_mask: bool = False) -> tuple[torc
         full[i, 1 : p + c] = True
     masks = [comp, full] if full_mask else [comp]
     return ids, (None if bool(attn.all()) else attn), masks
+
+
+@dataclass
+class SharedPrefixBatch:
+    """A chosen/rejected pair packed as one row [prompt, chosen completion, rejected completion] per example.
+
+    The prompt is computed once for both answers: a block-causal mask lets the rejected completion attend to the
+    prompt and to itself but not to the chosen completion, and its positions restart after the prompt, so every
+    completion token sees exactly what it sees in its own unpacked sequence."""
+
+    input_ids: torch.Tensor  # (b, s)
+    attention_mask: torch.Tensor  # (b, 1, s, s) bool, True = may attend
+    position_ids: torch.Tensor  # (b, s)
+    pred_index: torch.Tensor  # (b, s): the position whose hidden state predicts the token at each position
+    masks: list[torch.Tensor]  # (b, s) bool each: chosen completion, rejected completion[, chosen prompt+completion]
+
+
+def collate_shared(examples: list[Example], pad_id: int, full_mask: bool = False) -> SharedPrefixBatch:
+    """Pack each example's PO pair around the prefix its two sequences share (the prompt; should a tokenizer merge
+    across the prompt/answer boundary differently, the common token prefix, the rest of each prompt then riding
+    with its answer as non-target tokens). `full_mask` adds the chosen sequence's all-token mask (ORPO's
+    sequence NLL) as a third mask."""
+    rows = []
+    for e in examples:
+        w = e.chosen.prompt + e.chosen.completion
+        lo = e.rejected.prompt + e.rejected.completion
+        k = min(common_prefix_length(w, lo), len(e.chosen.prompt), len(e.rejected.prompt))
+        if k == 0:
+            raise ValueError(f"example {e.id}: chosen and rejected share no prefix token")
+        rows.append((w[:k], w[k:], lo[k:], len(e.chosen.prompt) - k, len(e.rejected.prompt) - k))
+    b = len(rows)
+    s = max(len(p) + len(w) + len(lo) for p, w, lo, _, _ in rows)
+    ids = torch.full((b, s), pad_id, dtype=torch.long)
+    pos = torch.zeros((b, s), dtype=torch.long)
+    pred = (torch.arange(s) - 1).clamp(min=0).repeat(b, 1)  # default: t is predicted by t-1
+    attn = torch.eye(s, dtype=torch.bool).repeat(b, 1, 1, 1)  # pads attend to themselves only (no empty rows)
+    m_w = torch.zeros((b, s), dtype=torch.bool)
+    m_l = torch.zeros((b, s), dtype=torch.bool)
+    m_full = torch.zeros((b, s), dtype=torch.bool)
+    causal = torch.ones((s, s), dtype=torch.bool).tril()
+    for i, (p, w, lo, w_extra, l_extra) in enumerate(rows):
+        P, W, L = len(p), len(w), len(lo)  # w and lo: rest of the prompt (w_extra/l_extra tokens) + completion
+        n = P + W + L
+        ids[i, :n] = torch.tensor(p + w + lo)
+        pos[i, : P + W] = torch.arange(P + W)
+        pos[i, P + W : n] = torch.arange(P, P + L)  # the rejected branch continues the prefix, not the chosen
+        attn[i, 0, : P + W, : P + W] = causal[: P + W, : P + W]
+        attn[i, 0, P + W : n, :P] = True  # rejected -> prefix
+        attn[i, 0, P + W : n, P + W : n] = causal[:L, :L]  # rejected -> itself, causally
+        pred[i, P + W] = P - 1  # the rejected branch's first token is predicted by the last prefix token
+        m_w[i, P + w_extra : P + W] = True
+        m_l[i, P + W + l_extra : n] = True
+        m_full[i, 1 : P + W] = True
+    masks = [m_w, m_l, m_full] if full_mask else [m_w, m_l]
+    return SharedPrefixBatch(ids, attn, pos, pred, masks)

@@ -34,6 +34,14 @@ class LaunchPlan:
         return self.launcher == "none"
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _visible_gpus() -> int:
     try:
         import torch
@@ -56,7 +64,9 @@ def launch_plan(cfg) -> LaunchPlan:
             return LaunchPlan("none", 1)
         return LaunchPlan("deepspeed" if (cfg.hostfile or cfg.deepspeed != "none") else "accelerate", n)
     if cfg.hostfile and cfg.launcher == "accelerate":
-        raise ConfigError(["train.hostfile needs train.launcher=deepspeed (accelerate reads nodes from its own config)"])
+        raise ConfigError(
+            ["train.hostfile needs train.launcher=deepspeed (accelerate reads nodes from its own config)"]
+        )
     return LaunchPlan(cfg.launcher, n)
 
 
@@ -65,24 +75,40 @@ def launch_command(plan: LaunchPlan, spec_path: Path, cfg) -> list[str]:
     if plan.launcher == "accelerate":
         if shutil.which("accelerate") is None:
             raise MissingDependencyError("accelerate", "pip install accelerate", "train.launcher=accelerate")
-        cmd = ["accelerate", "launch", "--num_processes", str(plan.num_processes), "--num_machines", "1"]
-        cmd += ["--multi_gpu"] if _visible_gpus() > 1 else ["--cpu"] if _visible_gpus() == 0 else []
+        cmd = [
+            "accelerate",
+            "launch",
+            "--num_processes",
+            str(plan.num_processes),
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(_free_port()),
+        ]
+        # `--multi_gpu` is accelerate's torchrun launcher: N ranks, gloo on CPU (the loop picks the backend).
+        # `--cpu` would start one process whatever --num_processes says (accelerate's multi-CPU needs mpirun).
+        cmd += ["--multi_gpu"] if plan.num_processes > 1 else ["--cpu"] if _visible_gpus() == 0 else []
         # accelerate wants a script: run the module through python -m
         return [*cmd, "--module", *worker[1:]]
     if shutil.which("deepspeed") is None:
         raise MissingDependencyError("deepspeed", "pip install deepspeed", "train.launcher=deepspeed")
     cmd = ["deepspeed"]
+    if not cfg.hostfile:  # one node: a free port, so that concurrent runs on one machine do not collide on 29500
+        cmd += ["--master_port", str(_free_port())]
     if cfg.hostfile:
         if not Path(cfg.hostfile).exists():
             raise ConfigError([f"train.hostfile: {cfg.hostfile} does not exist"])
         cmd += ["--hostfile", cfg.hostfile]
     else:
-        cmd += ["--num_gpus", str(plan.num_processes)] if _visible_gpus() else ["--num_nodes", "1"]
+        # --num_gpus is deepspeed's --num_accelerators: on the CPU accelerator it is the number of CPU ranks
+        # (without it the CPU launcher starts one rank per NUMA node, i.e. usually one).
+        cmd += ["--num_nodes", "1", "--num_gpus", str(plan.num_processes)]
     return [*cmd, "--module", *worker[1:]]
 
 
-def run_launched(plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None, out_dir: Path, seed: int,
-                 source: str) -> dict[str, Any]:
+def run_launched(
+    plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None, out_dir: Path, seed: int, source: str
+) -> dict[str, Any]:
     """Write the data and a spec next to the model, launch the ranks, read rank 0's result."""
     work = Path(out_dir) / "launch"
     work.mkdir(parents=True, exist_ok=True)
@@ -91,9 +117,15 @@ def run_launched(plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None,
     result_path = work / f"result-{cfg.algo}-{cfg.mode}.json"
     if result_path.exists():
         result_path.unlink()
-    spec = {"config": cfg.model_dump(mode="json"), "model_path": model_path, "data_path": str(data_path.resolve()),
-            "out_dir": str(Path(out_dir).resolve()), "seed": seed, "source": source,
-            "result_path": str(result_path.resolve())}
+    spec = {
+        "config": cfg.model_dump(mode="json"),
+        "model_path": model_path,
+        "data_path": str(data_path.resolve()),
+        "out_dir": str(Path(out_dir).resolve()),
+        "seed": seed,
+        "source": source,
+        "result_path": str(result_path.resolve()),
+    }
     spec_path = work / "spec.json"
     write_json(spec, spec_path)
     cmd = launch_command(plan, spec_path.resolve(), cfg)
@@ -103,7 +135,9 @@ def run_launched(plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None,
     log.info("[train] launching %d process(es): %s", plan.num_processes, " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0 or not result_path.exists():
-        raise SolopoError(f"training ranks failed (exit {proc.returncode}); see the log above. Command: {' '.join(cmd)}")
+        raise SolopoError(
+            f"training ranks failed (exit {proc.returncode}); see the log above. Command: {' '.join(cmd)}"
+        )
     result = read_json(result_path)
     result["launcher"] = plan.launcher
     return result
@@ -112,6 +146,8 @@ def run_launched(plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None,
 def main(argv: list[str] | None = None) -> None:
     """Rank entry point: python -m solopo.training.launch SPEC.json"""
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher appends --local_rank=N (LOCAL_RANK is in the env too, which is what the loop reads).
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     if len(argv) != 1:
         raise SystemExit("usage: python -m solopo.training.launch SPEC.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
@@ -120,8 +156,14 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = json.loads(Path(argv[0]).read_text())
     cfg = TrainConfig.model_validate(spec["config"])
-    result = train(cfg, model_path=spec["model_path"], data_path=spec["data_path"], out_dir=spec["out_dir"],
-                   seed=spec["seed"], source=spec["source"])
+    result = train(
+        cfg,
+        model_path=spec["model_path"],
+        data_path=spec["data_path"],
+        out_dir=spec["out_dir"],
+        seed=spec["seed"],
+        source=spec["source"],
+    )
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(result, spec["result_path"])
 

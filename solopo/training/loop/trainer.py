@@ -1,13 +1,13 @@
 """The SoLoPO training loop (reads top to bottom, nanoGPT style).
 
-    setup: distributed env -> dtype/attention -> DeepSpeed config -> model -> tokenized examples
-           -> DPO reference log-probs (once, cached) -> optimizer/scheduler -> backend -> resume
-    loop:  for each optimizer step, for each micro-batch:
-               short+chosen & short+rejected in one padded forward   (PO pair; x_long in long modes)
-               long+chosen in a second forward                       (SoLo-RA, solo mode only)
-               loss = sum(per-example loss) / examples in the step    (exact gradient accumulation)
-           step, log, checkpoint
-    end:   save the model in HF format (loads with AutoModelForCausalLM)
+setup: distributed env -> dtype/attention -> DeepSpeed config -> model -> tokenized examples
+       -> DPO reference log-probs (once, cached) -> optimizer/scheduler -> backend -> resume
+loop:  for each optimizer step, for each micro-batch:
+           short+chosen & short+rejected in one padded forward   (PO pair; x_long in long modes)
+           long+chosen in a second forward                       (SoLo-RA, solo mode only)
+           loss = sum(per-example loss) / examples in the step    (exact gradient accumulation)
+       step, log, checkpoint
+end:   save the model in HF format (loads with AutoModelForCausalLM)
 """
 
 from __future__ import annotations
@@ -31,7 +31,14 @@ import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet
-from solopo.training.data import Example, build_examples, collate, length_grouped_batches, select_target_len
+from solopo.training.data import (
+    Example,
+    build_examples,
+    collate,
+    collate_shared,
+    length_grouped_batches,
+    select_target_len,
+)
 from solopo.training.logprobs import CompletionLogps
 from solopo.training.losses import (
     DEFAULT_ALPHA,
@@ -155,6 +162,7 @@ class PlainBackend:
     def micro_done(self, boundary: bool) -> None:
         if not boundary:
             return
+        _average_grads_across_ranks(self.module)
         self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -168,8 +176,12 @@ class PlainBackend:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         torch.save(
-            {"model": self.module.lm.state_dict(), "optimizer": self.optimizer.state_dict(),
-             "scheduler": self.scheduler.state_dict(), **state},
+            {
+                "model": self.module.lm.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                **state,
+            },
             tmp / "state.pt",
         )
         shutil.rmtree(path, ignore_errors=True)
@@ -184,6 +196,29 @@ class PlainBackend:
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.module.lm.state_dict()
+
+
+def _average_grads_across_ranks(module: torch.nn.Module) -> None:
+    """Without DeepSpeed, several ranks (accelerate launch) are plain data parallel: each rank's loss is the mean
+    over its own examples, so the global mean gradient is the rank average. One flat all-reduce per step (no
+    overlap with backward: DeepSpeed is the fast path); a missing grad counts as zeros so all ranks reduce the
+    same buffer."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
 
 
 class DeepSpeedBackend(PlainBackend):
@@ -246,19 +281,40 @@ class MicroOut:
 
 
 def micro_batch_logps(
-    forward, examples: list[Example], pad_id: int, with_long: bool, orpo_sequence_nll: bool, device: torch.device
+    forward,
+    examples: list[Example],
+    pad_id: int,
+    with_long: bool,
+    orpo_sequence_nll: bool,
+    device: torch.device,
+    shared_prefix: bool = False,
 ) -> tuple[Batch, int]:
-    """Two forwards: the PO pair (chosen and rejected share a padded batch) and the RA sequences."""
+    """Two forwards: the PO pair and the RA sequences. The pair is either a padded batch of 2b rows (chosen, then
+    rejected) or, with `shared_prefix`, b packed rows [prompt, chosen, rejected] (the prompt computed once).
+    Returns the log-probs and the tokens processed."""
     b = len(examples)
-    pair = [e.chosen for e in examples] + [e.rejected for e in examples]
-    ids, attn, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
     dev = device
-    outs = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])
-    comp = outs[0]
-    chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
-    rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
-    nll_w = SeqLogps(outs[1].total[:b], outs[1].count[:b]) if orpo_sequence_nll else None
-    tokens = sum(len(s) for s in pair)
+    if shared_prefix:
+        sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
+        outs = forward(
+            sp.input_ids.to(dev),
+            sp.attention_mask.to(dev),
+            [m.to(dev) for m in sp.masks],
+            sp.position_ids.to(dev),
+            sp.pred_index.to(dev),
+        )
+        chosen, rejected = outs[0], outs[1]  # (b,) each
+        nll_w = outs[2] if orpo_sequence_nll else None
+        tokens = sum(len(e.chosen) + len(e.rejected.completion) for e in examples)
+    else:
+        pair = [e.chosen for e in examples] + [e.rejected for e in examples]
+        ids, attn, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+        outs = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])
+        comp = outs[0]
+        chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
+        rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
+        nll_w = SeqLogps(outs[1].total[:b], outs[1].count[:b]) if orpo_sequence_nll else None
+        tokens = sum(len(s) for s in pair)
     long_w = None
     if with_long:
         longs = [e.long_w for e in examples]
@@ -274,7 +330,14 @@ REF_COLUMNS = ("ref_chosen", "ref_rejected", "ref_long_w")
 
 @torch.no_grad()
 def compute_ref_logps(
-    forward, examples: list[Example], pad_id: int, batch_size: int, desc: str, device: torch.device, with_long: bool
+    forward,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    device: torch.device,
+    with_long: bool,
+    shared_prefix: bool = False,
 ) -> dict[str, list]:
     from tqdm import tqdm
 
@@ -282,7 +345,7 @@ def compute_ref_logps(
     rank0 = int(os.environ.get("RANK", 0)) == 0
     for s in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not rank0):
         chunk = examples[s : s + batch_size]
-        batch, _ = micro_batch_logps(forward, chunk, pad_id, with_long, False, device)
+        batch, _ = micro_batch_logps(forward, chunk, pad_id, with_long, False, device, shared_prefix)
         out["id"] += [e.id for e in chunk]
         out["ref_chosen"] += batch.chosen.total.float().cpu().tolist()
         out["ref_rejected"] += batch.rejected.total.float().cpu().tolist()
@@ -340,15 +403,27 @@ def train(
         torch.cuda.set_device(device)
     dtype = pick_dtype(cfg.dtype)
     attn = pick_attn(cfg.attn)
-    if cfg.attn == "auto" and torch.cuda.is_available() and attn == "sdpa":
+    if cfg.shared_prefix and attn == "flash_attention_2":
+        attn = "sdpa"
+        note("shared_prefix packs chosen and rejected with a custom attention mask: using sdpa, not flash-attn")
+    if cfg.attn == "auto" and torch.cuda.is_available() and attn == "sdpa" and not cfg.shared_prefix:
         note("flash-attn is not installed: using sdpa attention (pip install flash-attn for the varlen kernels)")
     params = resolve_params(cfg)
     random.seed(seed)
     torch.manual_seed(seed)
     if rank == 0:
         log.info(
-            "[train] %s-%s alpha=%g beta=%g on %s x%d, dtype %s, attention %s, deepspeed %s",
-            cfg.algo, cfg.mode, params.alpha, params.beta, device.type, world, dtype, attn, cfg.deepspeed,
+            "[train] %s-%s alpha=%g beta=%g on %s x%d, dtype %s, attention %s, deepspeed %s%s",
+            cfg.algo,
+            cfg.mode,
+            params.alpha,
+            params.beta,
+            device.type,
+            world,
+            dtype,
+            attn,
+            cfg.deepspeed,
+            ", shared prefix (prompt computed once per pair)" if cfg.shared_prefix else "",
         )
 
     # -- DeepSpeed config (HfDeepSpeedConfig must exist before from_pretrained for ZeRO-3 partitioned loading)
@@ -366,7 +441,8 @@ def train(
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module = CompletionLogps(lm, chunk_size=cfg.logps_chunk)
+    # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
+    module = CompletionLogps(lm, chunk_size=cfg.logps_chunk, sync_chunks=cfg.deepspeed == "zero3" and world > 1)
     if not use_ds:
         module.to(device)
 
@@ -403,7 +479,9 @@ def train(
         try:
             import deepspeed
         except ImportError as e:
-            raise MissingDependencyError("deepspeed", "pip install deepspeed", f"train.deepspeed={cfg.deepspeed}") from e
+            raise MissingDependencyError(
+                "deepspeed", "pip install deepspeed", f"train.deepspeed={cfg.deepspeed}"
+            ) from e
         engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -417,13 +495,20 @@ def train(
     out_dir = Path(out_dir)
     model_dir = out_dir / "models" / f"{cfg.algo}-{cfg.mode}"
     ckpt_dir = model_dir.with_name(model_dir.name + ".checkpoints")
-    run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "model": model_path, "seed": seed, "world": world,
-                           "data": _examples_digest(examples)})
+    run_key = stable_hash(
+        {
+            "cfg": cfg.model_dump(mode="json"),
+            "model": model_path,
+            "seed": seed,
+            "world": world,
+            "data": _examples_digest(examples),
+        }
+    )
 
     # -- DPO reference log-probs, once, with the initial weights (= the reference); cached with the data
     ref = None
     if cfg.algo == "dpo":
-        ref = _reference_logps(forward, module, examples, pad_id, cfg, out_dir, model_path, rank, note, device)
+        ref = _reference_logps(forward, module, examples, pad_id, cfg, out_dir, model_path, rank, world, note, device)
 
     # -- resume
     state = RunState()
@@ -461,7 +546,9 @@ def train(
             for m in range(cfg.grad_accum):
                 idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
                 chunk = [examples[i] for i in idx]
-                batch, tokens = micro_batch_logps(forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device)
+                batch, tokens = micro_batch_logps(
+                    forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device, cfg.shared_prefix
+                )
                 if ref is not None:
                     _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
                 out = objective(batch, params)
@@ -481,14 +568,18 @@ def train(
             state.history.append(row)
             if rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == total_steps):
                 _log_row(row, model_dir, writer)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}"
+                )
             bar.update(1)
             if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
                 backend.save_checkpoint(
                     ckpt_dir / f"step-{state.step}", {"step": state.step, "history": state.history, "run_key": run_key}
                 )
                 if rank == 0:
-                    write_json({"run_key": run_key, "step": state.step}, ckpt_dir / f"step-{state.step}" / "solopo.json")
+                    write_json(
+                        {"run_key": run_key, "step": state.step}, ckpt_dir / f"step-{state.step}" / "solopo.json"
+                    )
     except torch.OutOfMemoryError as e:
         raise TrainingError(
             f"out of memory at step {state.step + 1} ({e.__class__.__name__}). Options that help: train on a shorter "
@@ -508,12 +599,27 @@ def train(
         if cfg.save_steps > 0:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         _plot(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
-        write_parquet(pa.Table.from_pylist(state.history) if state.history else pa.table({}), model_dir / "history.parquet")
+        write_parquet(
+            pa.Table.from_pylist(state.history) if state.history else pa.table({}), model_dir / "history.parquet"
+        )
     _barrier()
     last = state.history[-1] if state.history else {}
     tail = state.history[-max(1, min(len(state.history), 5)) :]
-    final = {k: last[k] for k in ("loss", "po_loss", "ra_loss", "reward_chosen", "reward_rejected", "reward_acc",
-                                  "ra_distance", "tokens_per_s", "peak_mem_gb") if k in last}
+    final = {
+        k: last[k]
+        for k in (
+            "loss",
+            "po_loss",
+            "ra_loss",
+            "reward_chosen",
+            "reward_rejected",
+            "reward_acc",
+            "ra_distance",
+            "tokens_per_s",
+            "peak_mem_gb",
+        )
+        if k in last
+    }
     if tail:
         final["loss_last5_mean"] = sum(r["loss"] for r in tail) / len(tail)
     return {
@@ -547,8 +653,15 @@ class _Agg:
         self.sums = torch.zeros(len(self.KEYS) + 2, dtype=torch.float64)  # + examples, tokens
 
     def add(self, out: LossOutput, tokens: int) -> None:
-        vals = [out.loss.detach(), out.po_loss, out.ra_loss, out.reward_chosen, out.reward_rejected,
-                (out.reward_chosen > out.reward_rejected).float(), out.ra_distance]
+        vals = [
+            out.loss.detach(),
+            out.po_loss,
+            out.ra_loss,
+            out.reward_chosen,
+            out.reward_rejected,
+            (out.reward_chosen > out.reward_rejected).float(),
+            out.ra_distance,
+        ]
         for i, v in enumerate(vals):
             self.sums[i] += float(v.float().sum())
         self.sums[-2] += out.loss.shape[0]
@@ -556,11 +669,17 @@ class _Agg:
 
     def finish(self, seconds: float, device: torch.device, world: int) -> dict[str, float]:
         s = _all_reduce(self.sums.to(device if device.type == "cuda" else "cpu")).cpu()
-        mem = _all_reduce(torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max")
+        mem = _all_reduce(
+            torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max"
+        )
         n = max(1.0, float(s[-2]))
         row = {k: float(s[i]) / n for i, k in enumerate(self.KEYS)}
-        row.update(tokens=int(s[-1]), step_seconds=seconds, tokens_per_s=float(s[-1]) / max(seconds, 1e-9),
-                   peak_mem_gb=float(mem.item()))
+        row.update(
+            tokens=int(s[-1]),
+            step_seconds=seconds,
+            tokens_per_s=float(s[-1]) / max(seconds, 1e-9),
+            peak_mem_gb=float(mem.item()),
+        )
         return row
 
 
@@ -574,17 +693,59 @@ def _attach_ref(batch: Batch, chunk: list[Example], ref: dict[str, dict[str, flo
         batch.ref_long_w = col("ref_long_w") if ra_ref == "long" else batch.ref_chosen
 
 
-def _reference_logps(forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, note, device):
+def rank_shard(n: int, rank: int, world: int) -> list[int]:
+    """Indices rank..n step world, padded cyclically so that every rank gets ceil(n / world) of them: under ZeRO-3
+    each forward is collective, so all ranks must run the same number of them. Duplicates are dropped on merge."""
+    per = -(-n // world)
+    mine = list(range(rank, n, world))
+    return (mine + list(range(n)))[:per] if mine else list(range(n))[:per]
+
+
+def _gather_rows(cols: dict[str, list], world: int) -> dict[str, list]:
+    """All ranks' reference columns, merged (first occurrence of an id wins), identical on every rank."""
+    if world == 1:
+        return cols
+    import torch.distributed as dist
+
+    parts: list[dict[str, list] | None] = [None] * world
+    dist.all_gather_object(parts, cols)
+    out: dict[str, list] = {k: [] for k in cols}
+    seen: set[str] = set()
+    for part in parts:
+        for i, eid in enumerate(part["id"]):
+            if eid not in seen:
+                seen.add(eid)
+                for k in out:
+                    out[k].append(part[k][i])
+    return out
+
+
+def _reference_logps(
+    forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, world: int, note, device
+):
     """pi_ref log-probs for every sequence the loss needs, computed once with the initial weights and cached in
-    out_dir/ref_logps/<key>.parquet (the key covers the model, the tokenized data and the mode)."""
+    out_dir/ref_logps/<key>.parquet (the key covers the model, the tokenized data and the mode).
+
+    With several ranks each computes an equal share (rank_shard), the shares are all-gathered, and rank 0 alone
+    writes the cache. The cache is used only if every rank sees it, so all ranks take the same branch."""
     from solopo.pipeline.io import dir_fingerprint
 
     mp = Path(model_path)
     model_fp = dir_fingerprint(mp)["sha256"] if mp.is_dir() else model_path
-    key = stable_hash({"model": model_fp, "data": _examples_digest(examples), "mode": cfg.mode,
-                       "ra_ref": cfg.ra_ref, "dtype": cfg.dtype, "attn": cfg.attn})[:16]
+    key = stable_hash(
+        {
+            "model": model_fp,
+            "data": _examples_digest(examples),
+            "mode": cfg.mode,
+            "ra_ref": cfg.ra_ref,
+            "dtype": cfg.dtype,
+            "attn": cfg.attn,
+        }
+    )[:16]
     path = out_dir / "ref_logps" / f"{key}.parquet"
-    if path.exists():
+    on = device if device.type == "cuda" else "cpu"  # nccl reduces CUDA tensors, gloo CPU ones
+    missing_somewhere = _all_reduce(torch.tensor([float(not path.exists())], device=on), "max")
+    if missing_somewhere.item() == 0:
         rows = read_parquet(path).to_pylist()
         note(f"DPO reference log-probs loaded from the cache {path}")
     else:
@@ -592,7 +753,12 @@ def _reference_logps(forward, module, examples, pad_id, cfg, out_dir: Path, mode
         module.eval()
         # ra_ref=short reuses pi_ref(y_w | x_short): no long reference forward needed.
         with_long = examples[0].long_w is not None and cfg.ra_ref == "long"
-        cols = compute_ref_logps(forward, examples, pad_id, cfg.micro_batch_size, "DPO reference log-probs", device, with_long)
+        mine = [examples[i] for i in rank_shard(len(examples), rank, world)]
+        desc = "DPO reference log-probs" + (f" (rank 0 of {world}, each 1/{world})" if world > 1 else "")
+        cols = compute_ref_logps(
+            forward, mine, pad_id, cfg.micro_batch_size, desc, device, with_long, cfg.shared_prefix
+        )
+        cols = _gather_rows(cols, world)
         module.train(was_training)
         rows = pa.table(cols).to_pylist()
         if rank == 0:
@@ -659,8 +825,16 @@ def _make_writer(cfg, model_dir: Path, rank: int):
 def _log_row(row: dict, model_dir: Path, writer) -> None:
     log.info(
         "[train] step %d loss %.4f (po %.4f + ra %.4f) r_w %.3f r_l %.3f acc %.2f ra_dist %.3f %.0f tok/s peak %.2f GB",
-        row["step"], row["loss"], row["po_loss"], row["ra_loss"], row["reward_chosen"], row["reward_rejected"],
-        row["reward_acc"], row["ra_distance"], row["tokens_per_s"], row["peak_mem_gb"],
+        row["step"],
+        row["loss"],
+        row["po_loss"],
+        row["ra_loss"],
+        row["reward_chosen"],
+        row["reward_rejected"],
+        row["reward_acc"],
+        row["ra_distance"],
+        row["tokens_per_s"],
+        row["peak_mem_gb"],
     )
     model_dir.mkdir(parents=True, exist_ok=True)
     with open(model_dir / "logs.jsonl", "a") as f:  # append-only log; the model dir is replaced at the end
