@@ -227,7 +227,7 @@ def test_vllm_requested_but_missing_names_install_command(tiny_model_dir, monkey
 
 def test_cpu_demo_preset_reduces_sampling():
     cfg = build_config(preset="cpu-demo")
-    assert (cfg.sample.n, cfg.sample.max_tokens) == (8, 192)
+    assert (cfg.sample.n, cfg.sample.max_tokens) == (8, 128)
     default = build_config()
     assert (default.sample.n, default.sample.temperature) == (32, 0.85)
 
