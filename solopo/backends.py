@@ -129,7 +129,21 @@ def get_backend(
     return TransformersBackend(model_path, **{k: v for k, v in opts.items() if k not in vllm_only})
 
 
-class VLLMBackend:
+class _ChatBackend:
+    """What both backends share: prompts are chat-rendered token ids; the context limit is the engine's."""
+
+    tokenizer: Any
+    _max_context: int | None
+
+    @property
+    def max_context(self) -> int | None:
+        return self._max_context
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        return [len(render_chat_ids(self.tokenizer, p)) for p in prompts]
+
+
+class VLLMBackend(_ChatBackend):
     """vLLM offline engine: `LLM.generate` with SamplingParams(n, temperature, top_p, max_tokens, seed)."""
 
     name = "vllm"
@@ -175,13 +189,6 @@ class VLLMBackend:
         log.info("vLLM engine ready in %.1fs (%s)", time.time() - t0, model_path)
         self.tokenizer = self.llm.get_tokenizer()
         self._max_context = int(self.llm.llm_engine.model_config.max_model_len)
-
-    @property
-    def max_context(self) -> int | None:
-        return self._max_context
-
-    def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        return [len(render_chat_ids(self.tokenizer, p)) for p in prompts]
 
     def generate(
         self,
@@ -232,7 +239,7 @@ class VLLMBackend:
         del self.llm
 
 
-class TransformersBackend:
+class TransformersBackend(_ChatBackend):
     """Batched `model.generate` with left padding; several prompts x n samples per call."""
 
     name = "transformers"
@@ -275,13 +282,6 @@ class TransformersBackend:
             pad = min(self.eos_ids)
         self.pad_id = int(pad)
         self._max_context = getattr(self.model.config, "max_position_embeddings", None)
-
-    @property
-    def max_context(self) -> int | None:
-        return self._max_context
-
-    def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        return [len(render_chat_ids(self.tokenizer, p)) for p in prompts]
 
     def generate(
         self,
