@@ -344,6 +344,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
         ax.set_xticks(report["lengths"], [format_length(n) for n in report["lengths"]])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("sub-EM (%)")
+        ax.set_ylim(0, 100)  # a fixed scale: small samples must not look like large effects
         ax.set_title(d)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -364,6 +365,7 @@ def plot_depth(report: dict[str, Any], path: Path) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} / {d} / {format_length(n)}")
     ax.set_xlabel("gold evidence depth (fraction of context)")
     ax.set_ylabel("sub-EM (%)")
+    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
