@@ -100,7 +100,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs, skipped = [], []
     # Same numerics first (fp32 on both), then vLLM in bf16 (what its CPU build is tuned for).
-    plan = [("transformers", {"dtype": "float32", "batch_size": args.batch_size})]
+    plan = [
+        ("transformers", {"dtype": "float32", "batch_size": args.batch_size}),
+        # What dtype=auto picks on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16).
+        ("transformers", {"dtype": "bfloat16", "batch_size": args.batch_size}),
+    ]
     if vllm_available():
         vopts = {"enforce_eager": True, "max_model_len": 4096} if device == "cpu" else {}
         plan += [("vllm", {"dtype": "float32", **vopts}), ("vllm", {"dtype": "bfloat16", **vopts})]
@@ -114,7 +118,7 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         except Exception as e:  # a backend that fails here is reported, not hidden
             skipped.append(f"{name} {opts.get('dtype')}: {type(e).__name__}: {e}")
-    base = next((r for r in runs if r["backend"] == "transformers"), None)
+    base = next((r for r in runs if r["backend"] == "transformers"), None)  # transformers fp32 is the baseline
     for r in runs:
         r["speedup_vs_transformers"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2) if base else None
 
