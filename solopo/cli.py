@@ -113,6 +113,23 @@ def _guard(fn):
     return wrapper
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from solopo import __version__
+
+        typer.echo(f"solopo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Short-to-Long Preference Optimization: synthesize long-context preference data, train, evaluate."""
+
+
 # --- commands ---------------------------------------------------------------------------------------
 @app.command()
 @_guard

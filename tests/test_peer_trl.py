@@ -31,6 +31,14 @@ ROWS = [
 CPU = torch.device("cpu")
 
 
+def _export_table() -> pa.Table:
+    """ROWS as the export stage names them (chosen_response / rejected_response)."""
+    return pa.Table.from_pylist(
+        [{"id": r["id"], "short_prompt": r["short_prompt"], "chosen_response": r["chosen"],
+          "rejected_response": r["rejected"]} for r in ROWS]
+    )
+
+
 @pytest.fixture(scope="module")
 def models(tiny_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
@@ -71,7 +79,7 @@ def test_dpo_matches_trl(models, tokenizer, tmp_path):
     inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, inputs)
-    examples, _ = build_examples(pa.Table.from_pylist(ROWS), tokenizer, "short", False, "rows")
+    examples, _ = build_examples(_export_table(), tokenizer, "short", False, "rows")
     with torch.no_grad():
         ours = _ours(policy, examples, "dpo", LossParams(alpha=0.0, beta=0.1), ref=ref)
     assert abs(theirs.item() - 0.6931) > 1e-4  # a real reference: not the trivial log 2 of policy == reference
@@ -112,7 +120,7 @@ def test_simpo_matches_trl_cpo(models, tokenizer, tmp_path):
         theirs = tr.compute_loss(tr.model, inputs)
         ours = _ours(policy, _examples_from_trl_batch(inputs), "simpo", LossParams(alpha=0.0, beta=2.0, gamma=0.5))
     # their prompt tokens are our chat-template prompt tokens
-    ex, _ = build_examples(pa.Table.from_pylist(ROWS), tokenizer, "short", False, "rows")
+    ex, _ = build_examples(_export_table(), tokenizer, "short", False, "rows")
     assert {tuple(e.chosen.prompt) for e in ex} == {tuple(e.chosen.prompt) for e in _examples_from_trl_batch(inputs)}
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-5, atol=1e-6)
 

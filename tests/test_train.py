@@ -29,8 +29,8 @@ def export_rows(n: int = 4) -> list[dict]:
             "id": f"q{i}", "pair_index": 0, "target_len": 1024, "question": q, "answers": ["Lyon"],
             "short_prompt": f"{doc}\n\n{q}",
             "long_prompt": "\n\n".join(["Document 0 (Title: F): " + "filler words " * (20 + 7 * i), doc]) + f"\n\n{q}",
-            "chosen": f"Item {i} was made in Lyon. The answer is: Lyon",
-            "rejected": "It was made in Paris" + " maybe" * i + ". The answer is: Paris",
+            "chosen_response": f"Item {i} was made in Lyon. The answer is: Lyon",
+            "rejected_response": "It was made in Paris" + " maybe" * i + ". The answer is: Paris",
             "short_tokens": 60, "long_tokens": 200 + 10 * i, "rho": 0.3,
         })
     return rows

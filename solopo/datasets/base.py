@@ -14,14 +14,17 @@ import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
 from solopo.pipeline.errors import ConfigError, DataError
+from solopo.resources import resource_path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+# The shipped samples' directory (tests read it); the loaders go through resource_path.
+DATA_DIR = Path(str(files("solopo").joinpath("data")))
 
 # Shipped samples (credit and licences in solopo/data/README.md): name -> (dataset, split, file).
 SHIPPED: dict[str, tuple[str, str, str]] = {
@@ -271,7 +274,7 @@ def resolve_source(source: str, dataset: str = "auto", split: str = "train") -> 
                     f"set load.dataset=auto or {ds}"
                 ]
             )
-        return ResolvedSource("file", str(DATA_DIR / fname), ds, sp)
+        return ResolvedSource("file", str(resource_path("data", fname)), ds, sp)
     p = Path(source).expanduser()
     if p.exists():
         if p.is_dir():

@@ -121,7 +121,7 @@ class TrainStage(Stage):
     name = "train"
     Config = TrainConfig
     after = "export"
-    reads = ("id", "short_prompt", "long_prompt", "chosen", "rejected")
+    reads = ("id", "short_prompt", "long_prompt", "chosen_response", "rejected_response")
     writes = ("model_path", "algo", "mode", "alpha", "steps")
     version = "1"
 

@@ -18,10 +18,10 @@ from solopo.pipeline.errors import DataError
 # Which prompt the PO pair uses, which pair, and whether the RA sequence (x_long, y_w) exists, per mode.
 MODES = {
     # mode: (PO prompt column, chosen column, rejected column, has RA long+chosen sequence)
-    "solo": ("short_prompt", "chosen", "rejected", True),
-    "short": ("short_prompt", "chosen", "rejected", False),
-    "expand-long": ("long_prompt", "chosen", "rejected", False),
-    "long": ("long_prompt", "long_chosen", "long_rejected", False),
+    "solo": ("short_prompt", "chosen_response", "rejected_response", True),
+    "short": ("short_prompt", "chosen_response", "rejected_response", False),
+    "expand-long": ("long_prompt", "chosen_response", "rejected_response", False),
+    "long": ("long_prompt", "long_chosen_response", "long_rejected_response", False),
 }
 
 
@@ -96,7 +96,7 @@ def build_examples(
 ) -> tuple[list[Example], dict[str, list[str]]]:
     """Tokenize the rows a mode needs. Returns the examples and {drop reason: [ids]}."""
     prompt_col, w_col, l_col, _ = MODES[mode]
-    cols = ["id", prompt_col, w_col, l_col] + (["long_prompt", "chosen"] if with_long_w else [])
+    cols = ["id", prompt_col, w_col, l_col] + (["long_prompt", "chosen_response"] if with_long_w else [])
     missing = [c for c in dict.fromkeys(cols) if c not in table.column_names]
     if missing:
         hint = "rerun the export stage"
@@ -125,7 +125,7 @@ def build_examples(
                 raise DataError(f"expected a non-empty string, got {r[c]!r}", path=source, line=line, field=c)
         chosen = encode(tokenizer, r[prompt_col], r[w_col])
         rejected = encode(tokenizer, r[prompt_col], r[l_col])
-        long_w = encode(tokenizer, r["long_prompt"], r["chosen"]) if with_long_w else None
+        long_w = encode(tokenizer, r["long_prompt"], r["chosen_response"]) if with_long_w else None
         seqs = [chosen, rejected] + ([long_w] if long_w else [])
         if max_length is not None and max(len(s) for s in seqs) > max_length:
             drops.setdefault("over_max_length", []).append(rid)
@@ -136,9 +136,9 @@ def build_examples(
         examples.append(Example(id=rid, chosen=chosen, rejected=rejected, long_w=long_w))
     if mode == "long" and not examples and drops.get("no_long_pair"):
         raise DataError(
-            "no row has a long-sampled pair (long_chosen/long_rejected are all empty)",
+            "no row has a long-sampled pair (long_chosen_response/long_rejected_response are all empty)",
             path=source,
-            field="long_chosen",
+            field="long_chosen_response",
             hint="rerun sampling with `sample.on=both`, or use train.mode=expand-long",
         )
     return examples, drops

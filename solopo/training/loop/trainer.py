@@ -31,6 +31,7 @@ import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet
+from solopo.resources import resource_text
 from solopo.training.data import (
     Example,
     build_examples,
@@ -51,9 +52,6 @@ from solopo.training.losses import (
 )
 
 log = logging.getLogger("solopo")
-
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
-
 
 class TrainingError(SolopoError):
     """Training stopped for a reason the user can act on (non-finite loss, out of memory)."""
@@ -91,9 +89,9 @@ def pick_dtype(requested: str) -> torch.dtype:
 
 def build_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
     """The shipped ZeRO config with the 'auto' values filled from the train config."""
-    ds = json.loads((DS_CONFIG_DIR / f"{cfg.deepspeed}.json").read_text())
+    ds = json.loads(resource_text("training", "ds_configs", f"{cfg.deepspeed}.json"))
     if cfg.offload != "none":
-        extra = json.loads((DS_CONFIG_DIR / f"offload_{cfg.offload}.json").read_text())
+        extra = json.loads(resource_text("training", "ds_configs", f"offload_{cfg.offload}.json"))
         ds["zero_optimization"].update(extra["zero_optimization"])
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum
