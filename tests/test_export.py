@@ -489,3 +489,28 @@ def test_public_model_name_and_license_rules(tmp_path):
     assert card_license(["mydata"])[0] == "unknown" and card_license([])[0] == "unknown"
     assert scrub_paths("of /a/b/c.jsonl, https://x.org/a/b and ~/m/n") == "of c.jsonl, https://x.org/a/b and n"
     assert scrub_paths({"k": ["/abs/model-dir", "a/b", 3]}) == {"k": ["model-dir", "a/b", 3]}
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_CARD = REPO / "data_cards" / "example.md"
+
+
+def test_example_card_is_rendered_from_the_packaged_template(both_export):
+    """One source of truth: the packaged template. data_cards/example.md is a card rendered from it (this test's
+    export; regenerate with SOLOPO_WRITE_EXAMPLE_CARD=1); every fixed line of the template appears in it in order."""
+    import os
+
+    from solopo.resources import resource_text
+
+    if os.environ.get("SOLOPO_WRITE_EXAMPLE_CARD") == "1":
+        EXAMPLE_CARD.write_text((both_export / "README.md").read_text())
+    assert not (REPO / "data_cards" / "solopo_triplets.md").exists()  # no second copy of the template
+    example = EXAMPLE_CARD.read_text().splitlines()
+    fixed = [ln for ln in resource_text("templates", "data_card.md").splitlines() if ln.strip() and "$" not in ln]
+    at = 0
+    for line in fixed:
+        assert line in example[at:], (
+            f"data_cards/example.md is stale (template line {line!r}); regenerate: SOLOPO_WRITE_EXAMPLE_CARD=1 "
+            "python3 -m pytest tests/test_export.py -k example_card"
+        )
+        at = example.index(line, at) + 1
