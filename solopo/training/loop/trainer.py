@@ -53,6 +53,7 @@ from solopo.training.losses import (
 
 log = logging.getLogger("solopo")
 
+
 class TrainingError(SolopoError):
     """Training stopped for a reason the user can act on (non-finite loss, out of memory)."""
 
