@@ -1,8 +1,9 @@
-"""What the machine can do fast, for choosing dtypes."""
+"""What the machine can do fast (dtypes, threads) and the CPU settings vLLM needs on it."""
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 
@@ -21,3 +22,87 @@ def cpu_has_native_bf16() -> bool:
             flags.update(line.split(":", 1)[1].split())
             break
     return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def usable_cpus() -> list[int]:
+    """CPU ids this process may run on (cgroup/taskset aware)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def physical_cores() -> int:
+    """Physical cores among the usable CPUs: hyper-thread siblings share one core's matrix units, so more
+    torch threads than cores only adds contention."""
+    cpus = usable_cpus()
+    cores = set()
+    for c in cpus:
+        try:
+            sib = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add(sib)
+    return max(1, len(cores))
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None = physical cores) and return the number set. More threads than
+    free cores makes every OpenMP barrier wait for a descheduled thread; on a shared machine that turns a
+    decode step from milliseconds into scheduler time slices."""
+    import torch
+
+    n = threads or physical_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# vLLM's CPU build reads these at engine start. Defaults for a machine that runs other work: a fixed KV cache
+# (vLLM's default reserves 92% of the node's memory and refuses to start when less is free), OpenMP bound
+# to the usable cores, no core reserved for the engine's own process.
+VLLM_CPU_ENV_KEYS = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def vllm_cpu_env(threads: int | None = None, kv_cache_gib: int | None = None) -> dict[str, str]:
+    """setdefault vLLM's CPU settings in os.environ (a value the user exported wins) and return the values
+    in effect, for the manifest. Must run before vllm is imported (some are read at import)."""
+    cpus = usable_cpus()
+    if threads:
+        cpus = cpus[:threads]
+    if kv_cache_gib is None:
+        kv_cache_gib = _default_kv_cache_gib()
+    defaults = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": _cpu_ranges(cpus),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+    for k, v in defaults.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in VLLM_CPU_ENV_KEYS}
+
+
+def _default_kv_cache_gib() -> int:
+    """A quarter of the memory available now, between 1 and 4 GiB (4 GiB holds ~50k tokens of a 7B model in
+    bf16 and far more for small models)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail_gib = int(line.split()[1]) / 2**20
+                return int(min(4, max(1, avail_gib // 4)))
+    except OSError:
+        pass
+    return 2
+
+
+def _cpu_ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (the syntax of VLLM_CPU_OMP_THREADS_BIND)."""
+    out, start = [], None
+    for i, c in enumerate(cpus):
+        if start is None:
+            start = c
+        if i + 1 == len(cpus) or cpus[i + 1] != c + 1:
+            out.append(str(start) if start == c else f"{start}-{c}")
+            start = None
+    return ",".join(out)

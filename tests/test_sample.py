@@ -241,40 +241,97 @@ def test_auto_picks_transformers_without_vllm(tmp_path, tiny_model_dir):
     assert any("backend auto -> transformers" in n for n in m["notes"])
 
 
-def test_shared_prefill_matches_per_copy_prefill(tiny_model_dir):
-    """Sampling from one prefilled KV cache per prompt gives the same tokens as generate's own
-    num_return_sequences (which prefills every copy): same logits, same random stream."""
+PROMPTS = [
+    "Question: where is it?",
+    "Another, much longer question about a place and a year?",
+    "A third one: who wrote it, and when?",
+]
+
+
+def test_shared_prefill_matches_batched_prefill(tiny_model_dir):
+    """The CPU path (prefill each prompt once, repeat its KV cache n times) and the GPU path (prompts x n rows
+    prefilled by generate) draw the same samples: same logits (fp32) and the same per-row random streams."""
+    kw = dict(n=3, temperature=1.0, top_p=0.9, max_tokens=8, seed=[5, 6, 7])
+    shared = TransformersBackend(str(tiny_model_dir), batch_size=9, prefill="shared", dtype="float32")
+    batched = TransformersBackend(str(tiny_model_dir), batch_size=9, prefill="batched", dtype="float32")
+    assert (shared.settings["prefill"], batched.settings["prefill"]) == ("shared", "batched")
+    a, b = shared.generate(PROMPTS, **kw), batched.generate(PROMPTS, **kw)
+    assert a == b
+    assert len({g.text for g in a[1]}) > 1  # sampled, not greedy copies
+
+
+def test_samples_do_not_depend_on_batching(tiny_model_dir):
+    """Issue 8.3: a prompt's samples depend on its seed only: alone, inside a batch, at any batch size."""
+    kw = dict(n=3, temperature=0.85, top_p=1.0, max_tokens=8)
+    big = TransformersBackend(str(tiny_model_dir), batch_size=9, dtype="float32")  # 3 prompts per call
+    small = TransformersBackend(str(tiny_model_dir), batch_size=3, dtype="float32")  # 1 prompt per call
+    together = big.generate(PROMPTS, seed=[11, 12, 13], **kw)
+    assert small.generate(PROMPTS, seed=[11, 12, 13], **kw) == together
+    for i, p in enumerate(PROMPTS):
+        assert big.generate([p], seed=[11 + i], **kw) == [together[i]]
+    # reordered neighbours, same seeds per prompt
+    rev = big.generate(PROMPTS[::-1], seed=[13, 12, 11], **kw)
+    assert rev[::-1] == together
+    # another seed, other samples
+    assert big.generate(PROMPTS[:1], seed=[99], **kw) != [together[0]]
+
+
+def test_stage_samples_do_not_depend_on_shard_size(tmp_path, tiny_model_dir):
+    def run(d, shard_size, batch_size):
+        write_synth(d, synth_rows(4))
+        Pipeline(
+            [SampleStage],
+            config(d, tiny_model_dir, shard_size=shard_size, batch_size=batch_size, n=2, max_tokens=5, dtype="float32"),
+        ).run()
+        return read_parquet(d / "sample" / "data.parquet").column("samples").to_pylist()
+
+    assert run(tmp_path / "a", 1, 2) == run(tmp_path / "b", 4, 8)
+
+
+def test_gumbel_sampler_draws_from_the_softmax():
+    """Hand-worked: logits log([0.5, 0.3, 0.2, 0]) -> frequencies 0.5/0.3/0.2/0 over many independent rows."""
+    import math
+
     import torch
 
-    b = TransformersBackend(str(tiny_model_dir), batch_size=8)
-    prompts = ["Question: where is it?", "Another, much longer question about a place and a year?"]
-    ours = b.generate(prompts, n=3, temperature=1.0, top_p=1.0, max_tokens=8, seed=[5, 5])
-    from solopo.backends import render_chat_ids
+    from solopo.backends import _GumbelSampler, sample_key
 
-    ids = [render_chat_ids(b.tokenizer, p) for p in prompts]
-    order = sorted(range(2), key=lambda i: len(ids[i]))
-    width = max(map(len, ids))
-    input_ids = torch.full((2, width), b.pad_id)
-    attn = torch.zeros((2, width), dtype=torch.long)
-    for row, i in enumerate(order):
-        input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-        attn[row, width - len(ids[i]) :] = 1
-    torch.manual_seed(5)
-    with torch.inference_mode():
-        ref = b.model.generate(
-            input_ids=input_ids,
-            attention_mask=attn,
-            num_return_sequences=3,
-            max_new_tokens=8,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            pad_token_id=b.pad_id,
-            eos_token_id=sorted(b.eos_ids),
-        )[:, width:]
-    for row, i in enumerate(order):
-        for j in range(3):
-            seq = ref[row * 3 + j].tolist()
-            stop = next((k for k, t in enumerate(seq) if t in b.eos_ids), len(seq))
-            assert ours[i][j].text == b.tokenizer.decode(seq[:stop], skip_special_tokens=True)
+    rows = 20000
+    scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2), -math.inf]]).repeat(rows, 1)
+    sampler = _GumbelSampler([sample_key(3, j) for j in range(rows)], prompt_width=4, device="cpu")
+    picks = sampler(torch.zeros((rows, 4), dtype=torch.long), scores).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).float() / rows
+    # binomial sd at p=0.5, n=20000 is 0.0035: 4 sd
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015), freq
+    # the next decode step draws fresh noise for the same row
+    step1 = sampler(torch.zeros((rows, 5), dtype=torch.long), scores).argmax(-1)
+    assert (step1 != picks).float().mean() > 0.3
+
+
+def test_threads_knob_and_settings_in_manifest(tmp_path, tiny_model_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        write_synth(tmp_path, synth_rows(1))
+        Pipeline([SampleStage], config(tmp_path, tiny_model_dir, n=1, max_tokens=2, threads=1)).run()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["backend_threads"] == 1 and m["stats"]["backend_prefill"] == "shared"
+    assert any("transformers backend: device=cpu, prefill=shared, threads=1" in n for n in m["notes"])
+
+
+def test_physical_cores_and_vllm_cpu_env(monkeypatch):
+    from solopo import hardware
+
+    assert 1 <= hardware.physical_cores() <= len(hardware.usable_cpus())
+    assert hardware._cpu_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    for k in hardware.VLLM_CPU_ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")  # what the user exported wins
+    env = hardware.vllm_cpu_env(threads=1)
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(hardware.usable_cpus()[0])
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"

@@ -211,6 +211,8 @@ class EvalStage(Stage):
             )
             self.ctx.stat("backend", backend.name)
             self.ctx.stat("dtype", getattr(backend, "dtype", "engine default"))
+            for k, v in getattr(backend, "settings", {}).items():
+                self.ctx.stat(f"backend_{k}", v)
             with tqdm(total=len(rows), desc=f"eval {label}", unit="q", dynamic_ncols=True) as bar:
 
                 def progress(n_done: int, n_tokens: int, bar=bar) -> None:

@@ -65,9 +65,19 @@ class SampleConfig(StageConfig):
     on: Literal["short", "both"] = "short"
     seed: int | None = Field(default=None, description="None = run.seed")
     shard_size: int = Field(default=64, ge=1, description="input rows per resumable shard")
-    # transformers backend
-    batch_size: int = Field(default=32, ge=1, description="transformers: sequences (prompts x n) per generate call")
     dtype: str = "auto"
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for torch / vLLM's OpenMP; None = the usable physical cores"
+    )
+    # transformers backend
+    batch_size: int | None = Field(
+        default=None, ge=1, description="transformers: sequences (prompts x n) per generate call; None = 32 on "
+        "CPU, 512 on CUDA"
+    )
+    prefill: Literal["auto", "shared", "batched"] = Field(
+        default="auto", description="transformers: shared = prefill a prompt once for its n samples (auto on CPU); "
+        "batched = prompts x n rows in one generate call (auto on CUDA)"
+    )
     # vLLM backend
     tensor_parallel_size: int = Field(default=1, ge=1)
     enable_prefix_caching: bool = True
@@ -139,7 +149,9 @@ class SampleStage(Stage):
             ctx_note=self.ctx.note,
             trust_remote_code=self.ctx.run.trust_remote_code,
             dtype=c.dtype,
+            threads=c.threads,
             batch_size=c.batch_size,
+            prefill=c.prefill,
             tensor_parallel_size=c.tensor_parallel_size,
             enable_prefix_caching=c.enable_prefix_caching,
             gpu_memory_utilization=c.gpu_memory_utilization,
@@ -150,6 +162,8 @@ class SampleStage(Stage):
         )
         self.ctx.stat("backend", self.backend.name)
         self.ctx.stat("dtype", getattr(self.backend, "dtype", "engine default"))
+        for k, v in getattr(self.backend, "settings", {}).items():
+            self.ctx.stat(f"backend_{k}", v)
 
     def teardown(self) -> None:
         backend = getattr(self, "backend", None)
@@ -196,7 +210,8 @@ class SampleStage(Stage):
             bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
 
         # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
-        chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, c.batch_size // c.n) * 4
+        per_call = getattr(self.backend, "batch_size", 256)
+        chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
         gens: dict[tuple[str, int | None], list] = {}
         try:
             for start in range(0, len(jobs), chunk):
