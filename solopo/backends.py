@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -354,6 +355,7 @@ class TransformersBackend(_ChatBackend):
             from solopo.hardware import set_torch_threads
 
             self.settings["threads"] = set_torch_threads(threads)
+            self.settings["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (spin)")
         if dtype == "auto":
             # bf16 on GPU and on CPUs with bf16 matrix units; fp32 on other CPUs, where bf16 is emulated.
             from solopo.hardware import cpu_has_native_bf16

@@ -7,6 +7,21 @@ import os
 from pathlib import Path
 
 
+def passive_openmp_wait() -> bool:
+    """setdefault OMP_WAIT_POLICY=PASSIVE (an exported value wins); False when torch is already loaded (then
+    it is too late: OpenMP reads the policy once). By default a thread that reaches a barrier spins, so on a
+    machine whose cores other jobs also use, every parallel region of a decode step waits for a descheduled
+    sibling while the spinning one burns its time slice: SmolLM2-135M decode steps (16 rows, 2 threads) took
+    4.1-4.7 s with the default and 0.33-0.37 s with PASSIVE at load average ~21 on 2 cores (see
+    bench/sample/README.md)."""
+    import sys
+
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (Intel AMX or AVX512-BF16): there bf16 inference is

@@ -1,10 +1,12 @@
 """Sampling throughput: vLLM vs transformers on the same short prompts, in one run, on one machine.
 
-    # both backends (vLLM needs its own environment: bash scripts/setup_vllm_cpu.sh)
-    source scripts/setup_vllm_cpu.sh --env-only
-    .venv-vllm/bin/python bench/sample/bench_sample.py
-    # transformers only (main environment): the vLLM rows say why they are missing
-    python3 bench/sample/bench_sample.py
+    PYTHONPATH=. python3 bench/sample/bench_sample.py            # one environment (bash scripts/setup.sh)
+    PYTHONPATH=. python3 bench/sample/bench_sample.py --questions 4 --n 8 --max-tokens 128
+
+Both backends run in ONE process in both orders (transformers -> vLLM -> vLLM -> transformers), with the
+settings the pipeline uses (dtype auto, the backends' own CPU thread/KV-cache settings), so the ratio is
+measured on the same machine state and a backend that breaks the other shows up. The 1-minute load average
+is sampled around every row: other jobs on the machine slow every backend.
 
 Prompts are real MuSiQue questions with their supporting paragraphs (x_short, the stage's input), rendered
 with the model's chat template by each backend. Measured: generated tokens per second and questions per
@@ -48,6 +50,7 @@ def short_prompts(k: int) -> tuple[list[str], list[list[str]]]:
 def run_one(name: str, model: str, prompts, golds, args, **opts) -> dict:
     from solopo.backends import get_backend
 
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     backend = get_backend(name, model, **opts)
     init = time.perf_counter() - t0
@@ -55,18 +58,27 @@ def run_one(name: str, model: str, prompts, golds, args, **opts) -> dict:
     backend.generate(prompts[:1], n=1, temperature=args.temperature, top_p=1.0, max_tokens=8, seed=0)
     t0 = time.perf_counter()
     outs = backend.generate(
-        prompts, n=args.n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_tokens,
+        prompts,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=1.0,
+        max_tokens=args.max_tokens,
         seed=list(range(len(prompts))),
     )
     wall = time.perf_counter() - t0
     backend.close()
     tokens = sum(g.num_tokens for gens in outs for g in gens)
-    correct = sum(sub_em(extract_final_answer(g.text), gold) for gens, gold in zip(outs, golds, strict=True) for g in gens)
+    correct = sum(
+        sub_em(extract_final_answer(g.text), gold) for gens, gold in zip(outs, golds, strict=True) for g in gens
+    )
     truncated = sum(g.finish_reason == "length" for gens in outs for g in gens)
     total = sum(len(gens) for gens in outs)
     return {
         "backend": name,
-        "dtype": opts.get("dtype", "auto"),
+        "dtype": getattr(backend, "dtype", opts.get("dtype", "auto")),
+        "prefill": getattr(backend, "prefill", None),
+        "settings": {k: v for k, v in getattr(backend, "settings", {}).items()},
+        "load_average_1m": {"before": round(load0, 2), "after": round(os.getloadavg()[0], 2)},
         "init_seconds": round(init, 1),
         "generate_seconds": round(wall, 1),
         "generated_tokens": tokens,
@@ -84,7 +96,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (cpu-demo preset: 8; paper: 32)")
     ap.add_argument("--max-tokens", type=int, default=192)
     ap.add_argument("--temperature", type=float, default=0.85)
-    ap.add_argument("--batch-size", type=int, default=64, help="transformers: sequences per generate call")
+    ap.add_argument("--batch-size", type=int, default=32, help="transformers: sequences per generate call")
+    ap.add_argument("--dtype", default="auto", help="both backends (auto = what the pipeline uses)")
+    ap.add_argument(
+        "--batched-prefill", action="store_true", help="also transformers with prefill=batched (the CUDA default)"
+    )
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
@@ -99,17 +115,16 @@ def main() -> None:
     prompts, golds = short_prompts(args.questions)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs, skipped = [], []
-    # Same numerics first (fp32 on both), then vLLM in bf16 (what its CPU build is tuned for).
-    plan = [
-        ("transformers", {"dtype": "float32", "batch_size": args.batch_size}),
-        # What dtype=auto picks on GPUs and on CPUs with bf16 matrix units (AMX / AVX512-BF16).
-        ("transformers", {"dtype": "bfloat16", "batch_size": args.batch_size}),
-    ]
+    tf = ("transformers", {"dtype": args.dtype, "batch_size": args.batch_size})
     if vllm_available():
         vopts = {"enforce_eager": True, "max_model_len": 4096} if device == "cpu" else {}
-        plan += [("vllm", {"dtype": "float32", **vopts}), ("vllm", {"dtype": "bfloat16", **vopts})]
+        vl = ("vllm", {"dtype": args.dtype, **vopts})
+        plan = [tf, vl, vl, tf]  # both orders in one process
     else:
-        skipped.append("vllm: not importable in this environment (CPU: bash scripts/setup_vllm_cpu.sh)")
+        plan = [tf]
+        skipped.append("vllm: not importable in this environment (bash scripts/setup.sh installs vllm-cpu)")
+    if args.batched_prefill:
+        plan.append(("transformers", {**tf[1], "prefill": "batched"}))
     load_before = os.getloadavg()
     for name, opts in plan:
         print(f"running {name} {opts} ...", flush=True)
@@ -118,9 +133,12 @@ def main() -> None:
             print(json.dumps(runs[-1]), flush=True)
         except Exception as e:  # a backend that fails here is reported, not hidden
             skipped.append(f"{name} {opts.get('dtype')}: {type(e).__name__}: {e}")
-    base = next((r for r in runs if r["backend"] == "transformers"), None)  # transformers fp32 is the baseline
+    for i, r in enumerate(runs):
+        r["position"] = i + 1
+    tf_rows = [r for r in runs if r["backend"] == "transformers"]
+    base = sum(r["tokens_per_second"] for r in tf_rows) / len(tf_rows) if tf_rows else None  # mean of both orders
     for r in runs:
-        r["speedup_vs_transformers"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2) if base else None
+        r["speedup_vs_transformers"] = round(r["tokens_per_second"] / base, 2) if base else None
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     try:
@@ -138,8 +156,14 @@ def main() -> None:
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "platform": platform.platform(),
         "versions": versions,
-        "settings": {"questions": args.questions, "n": args.n, "max_tokens": args.max_tokens,
-                     "temperature": args.temperature, "top_p": 1.0, "transformers_batch_size": args.batch_size},
+        "settings": {
+            "questions": args.questions,
+            "n": args.n,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "top_p": 1.0,
+            "transformers_batch_size": args.batch_size,
+        },
         "runs": runs,
         "skipped": skipped,
     }
@@ -157,17 +181,23 @@ def markdown(res: dict) -> str:
         "",
         f"Model {res['model']} on {res['device']} ({res['cpu_count']} cores, 1-min load average "
         f"{res['load_average_1m']['before']} before / {res['load_average_1m']['after']} after), {res['platform']}; "
-        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items())
+        + ".",
         f"{s['questions']} MuSiQue short prompts (supporting paragraphs), n={s['n']} samples each, "
-        f"T={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']}. All rows measured in one run.",
+        f"T={s['temperature']}, top_p={s['top_p']}, max_tokens={s['max_tokens']}. All rows measured in one run, "
+        "in this order (both orders: transformers -> vLLM and vLLM -> transformers); speed-up is against the mean "
+        "of the transformers rows.",
         "",
-        "| backend | dtype | generated tok/s | questions/s | speed-up vs transformers | generated tokens | "
-        "generate s | engine start s | sub-EM pass rate | truncated |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| # | backend | dtype | load avg before/after | generated tok/s | questions/s | speed-up vs transformers | "
+        "generated tokens | generate s | engine start s | sub-EM pass rate | truncated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
+        la = r["load_average_1m"]
         lines.append(
-            f"| {r['backend']} | {r['dtype']} | {r['tokens_per_second']} | {r['questions_per_second']} | "
+            f"| {r['position']} | {r['backend']}{' (' + r['prefill'] + ' prefill)' if r.get('prefill') else ''} | "
+            f"{r['dtype']} | {la['before']}/{la['after']} | "
+            f"{r['tokens_per_second']} | {r['questions_per_second']} | "
             f"{r['speedup_vs_transformers']}x | {r['generated_tokens']} | {r['generate_seconds']} | "
             f"{r['init_seconds']} | {r['sub_em_pass_rate']} | {r['truncated_fraction']} |"
         )
@@ -185,7 +215,7 @@ def plot(res: dict, path: Path) -> None:
 
     if not res["runs"]:
         return
-    labels = [f"{r['backend']}\n{r['dtype']}" for r in res["runs"]]
+    labels = [f"{r['position']}. {r['backend']}\n{r['dtype']} {r.get('prefill') or ''}" for r in res["runs"]]
     vals = [r["tokens_per_second"] for r in res["runs"]]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     bars = ax.bar(labels, vals, color=["#888" if r["backend"] == "transformers" else "#3b7" for r in res["runs"]])

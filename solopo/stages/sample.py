@@ -71,12 +71,14 @@ class SampleConfig(StageConfig):
     )
     # transformers backend
     batch_size: int | None = Field(
-        default=None, ge=1, description="transformers: sequences (prompts x n) per generate call; None = 32 on "
-        "CPU, 512 on CUDA"
+        default=None,
+        ge=1,
+        description="transformers: sequences (prompts x n) per generate call; None = 32 on CPU, 512 on CUDA",
     )
     prefill: Literal["auto", "shared", "batched"] = Field(
-        default="auto", description="transformers: shared = prefill a prompt once for its n samples (auto on CPU); "
-        "batched = prompts x n rows in one generate call (auto on CUDA)"
+        default="auto",
+        description="transformers: shared = prefill a prompt once for its n samples (auto on CPU); "
+        "batched = prompts x n rows in one generate call (auto on CUDA)",
     )
     # vLLM backend
     tensor_parallel_size: int = Field(default=1, ge=1)
