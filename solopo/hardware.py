@@ -12,8 +12,8 @@ def passive_openmp_wait() -> bool:
     it is too late: OpenMP reads the policy once). By default a thread that reaches a barrier spins, so on a
     machine whose cores other jobs also use, every parallel region of a decode step waits for a descheduled
     sibling while the spinning one burns its time slice: SmolLM2-135M decode steps (16 rows, 2 threads) took
-    4.1-4.7 s with the default and 0.33-0.37 s with PASSIVE at load average ~21 on 2 cores (see
-    bench/sample/README.md)."""
+    4.9-6.0 s with the default and 0.34-0.57 s with PASSIVE at load average ~20 on 2 cores
+    (bench/sample/omp_wait.md)."""
     import sys
 
     if "torch" in sys.modules:
