@@ -63,15 +63,15 @@ def physical_cores() -> int:
 
 
 def set_torch_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None = physical cores) and return the number set. More threads than
+    """Set torch's intra-op threads (None = physical cores) and return the number in effect. More threads than
     free cores makes every OpenMP barrier wait for a descheduled thread; on a shared machine that turns a
     decode step from milliseconds into scheduler time slices."""
     import torch
 
     n = threads or physical_cores()
     if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+        torch.set_num_threads(n)  # an in-process vLLM engine that ran before turns this into a no-op
+    return torch.get_num_threads()  # what is in effect, for the manifest
 
 
 # vLLM's CPU build reads these at engine start. Defaults for a machine that runs other work: a fixed KV cache
