@@ -217,7 +217,7 @@ FLAKY = textwrap.dedent(
             path = Path(self.COUNTER)
             k = int(path.read_text() or 0) + 1 if path.exists() else 1
             path.write_text(str(k))
-            if k in self.FAIL or (self.FAIL == "after2" and k > 2):
+            if (k > 2) if self.FAIL == "after2" else (k in self.FAIL):
                 raise RuntimeError(f"CUDA out of memory (injected, call {k})")
             return super().__call__(batch)
     """
@@ -267,11 +267,13 @@ def test_replica_that_keeps_failing_fails_the_stage_with_its_error_and_keeps_don
         sample_table(tmp_path, "ray", tiny_model_dir, rows, **sample)
     assert "Traceback" not in str(e.value) and len(str(e.value)) < 400
     shards = tmp_path / "ray" / "sample" / "shards"
-    assert len(list(shards.glob("part-*.json"))) == 2  # the 2 calls that succeeded: 2 shards kept
+    # Calls 1-2 succeeded (shards 0-1); Ray may fail the run before the driver has taken the second one.
+    kept = len(list(shards.glob("part-*.json")))
+    assert kept in (1, 2)
 
     flaky.FAIL = ()
     table, m = sample_table(tmp_path, "ray", tiny_model_dir, rows, **sample)
-    assert table.num_rows == 6 and m["shards"]["resumed"] == 2 and m["shards"]["count"] == 3
+    assert table.num_rows == 6 and m["shards"]["resumed"] == kept and m["shards"]["count"] == 3
 
 
 # --- bad input --------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import socket
 import time
 import warnings
@@ -180,35 +181,36 @@ def _placement_group_args(tp: int) -> Callable[[], dict[str, Any]]:
 
 
 def replica_error(e: BaseException) -> RayEngineError:
-    """The replica's own exception out of Ray's wrappers (UserCodeException -> RayTaskError -> cause)."""
+    """The replica's own exception out of Ray's wrapper (RayTaskError(X).cause is X, with
+    raise_original_map_exception), with where it ran; Ray's stack stays in Ray's logs."""
     ray = import_ray()
-    seen, cur, inner = set(), e, None
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, ray.exceptions.RayTaskError):
-            inner = cur.cause if getattr(cur, "cause", None) is not None else inner
-        elif not isinstance(cur, ray.exceptions.RayError):
-            inner = inner or cur
-        cur = cur.__cause__ or cur.__context__
-    if isinstance(e, ray.exceptions.ActorDiedError) or inner is None:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return RayEngineError(f"a Ray replica failed and its retries ran out: {first}")
+    inner = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayTaskError) else None
+    m = re.search(r"pid=(\d+), ip=([^,)\s]+)", str(e))  # the dual RayTaskError(X) keeps them only in its text
+    where = f" (pid {m.group(1)} on {m.group(2)})" if m else ""
+    if inner is None:  # the actor process died (OOM kill, lost node) more often than max_retries
+        lines = [x for x in str(e).strip().splitlines() if x.strip()]
+        return RayEngineError(f"a Ray replica{where} failed and its retries ran out: {lines[0] if lines else e!r}")
     if isinstance(inner, SolopoError):
-        return RayEngineError(f"a Ray replica failed: {inner}")
-    msg = str(inner).strip().splitlines()
-    return RayEngineError(
-        f"a Ray replica failed and its retries ran out: {type(inner).__name__}: {msg[-1] if msg else ''}"
-    )
+        return RayEngineError(f"a Ray replica{where} failed: {str(inner).splitlines()[0]}")
+    first = str(inner).strip().splitlines()[0] if str(inner).strip() else ""  # Ray appends its retry hints
+    return RayEngineError(f"a Ray replica{where} failed and its retries ran out: {type(inner).__name__}: {first}")
 
 
 @contextmanager
 def _data_context(max_retries: int) -> Iterator[None]:
-    """Ray Data settings for one run: our bar instead of Ray's, retries of failed calls, errors unwrapped."""
+    """Ray Data settings for one run: our bar instead of Ray's, retries of a failed replica call (any error:
+    CUDA OOM, a flaky node), and the replica's own exception raised rather than Ray's wrapper."""
     ray = import_ray()
     dc = ray.data.DataContext.get_current()
-    keep = {k: getattr(dc, k) for k in ("enable_progress_bars", "actor_task_retry_on_errors")}
-    dc.enable_progress_bars = False
-    dc.actor_task_retry_on_errors = max_retries > 0  # app errors too (CUDA OOM, a flaky node), not only deaths
+    want = {
+        "enable_progress_bars": False,
+        "retried_map_errors": max_retries > 0,
+        "max_map_retries": max_retries,
+        "raise_original_map_exception": True,
+    }
+    keep = {k: getattr(dc, k) for k in want}
+    for k, v in want.items():
+        setattr(dc, k, v)
     try:
         yield
     finally:
@@ -356,8 +358,8 @@ class RayDataBackend:
                 batch_size=per,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=min(L.replicas, len(blocks))),
-                max_restarts=L.max_retries,  # a replica process that dies is restarted ...
-                max_task_retries=L.max_retries,  # ... and its call retried, this many times (Ray's default: forever)
+                max_restarts=L.max_retries,  # a replica process that dies is restarted and its call resubmitted,
+                max_task_retries=L.max_retries,  # this many times (Ray's default: forever)
                 **resources,
             )
             it = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
