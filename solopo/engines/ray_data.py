@@ -65,7 +65,7 @@ class RayLayout:
     max_retries: int = 3
 
 
-def _check_reachable(address: str) -> None:
+def _check_reachable(address: str, given: str | None = None) -> None:
     """Fail in seconds when nothing listens at host:port (ray.init would retry for a minute or more)."""
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
@@ -77,34 +77,54 @@ def _check_reachable(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except OSError as e:
+        src = f" (what ray_address {given!r} resolved to)" if given and given != address else ""
         raise RayEngineError(
-            f"no Ray cluster reachable at ray_address {address!r} ({e}); start one with `ray start --head` on "
+            f"no Ray cluster reachable at ray_address {address!r}{src} ({e}); start one with `ray start --head` on "
             "the head node, check host and port (the head's GCS port, default 6379), or leave ray_address empty "
             "to start a local Ray"
         ) from None
 
 
+def _resolve_auto() -> str:
+    """The address 'auto' means to Ray (RAY_ADDRESS, else the cluster `ray start` recorded), so that a stale
+    record fails the reachability check in seconds instead of ray.init retrying for minutes."""
+    try:
+        from ray._private.services import get_ray_address_from_environment  # private: guarded below
+    except ImportError:
+        return "auto"
+    try:
+        found = get_ray_address_from_environment("auto", None)
+    except ConnectionError as e:
+        raise RayEngineError(
+            f"ray_address 'auto' found no Ray cluster ({e}). Start one with `ray start --head` (and "
+            "`ray start --address=HEAD_IP:6379` on the other nodes), or leave ray_address empty for a local Ray"
+        ) from None
+    return found or "auto"
+
+
 def connect(address: str | None, num_cpus: int | None = None) -> bool:
     """Join the cluster at `address` or start a local Ray; True when this call started Ray (so it stops it).
 
+    address None starts a local Ray (unless RAY_ADDRESS is set: then Ray joins that cluster, as Ray always does).
     An already initialized Ray (a notebook, a test fixture) is used as it is.
     """
     ray = import_ray()
     if ray.is_initialized():
         return False
-    if address not in (None, "", "auto", "local"):
-        _check_reachable(address)
     kw: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING)
     if address in (None, "", "local"):
         kw["num_cpus"] = num_cpus
     else:
-        kw["address"] = address
+        target = _resolve_auto() if address == "auto" else address
+        if target != "auto":
+            _check_reachable(target, given=address)
+        kw["address"] = target
     try:
         ray.init(**kw)
     except ConnectionError as e:
         raise RayEngineError(
             f"could not join a Ray cluster at ray_address {address!r}: {e} Start one with `ray start --head` "
-            "(and `ray start --address=HEAD:6379` on the other nodes), or leave ray_address empty for a local Ray"
+            "(and `ray start --address=HEAD_IP:6379` on the other nodes), or leave ray_address empty for a local Ray"
         ) from None
     return True
 
@@ -235,17 +255,23 @@ class RayDataBackend:
         if name == "auto" and ctx_note is not None:
             ctx_note(f"backend auto -> {self.name} on every Ray replica (resolved on the driver)")
         self.model_path, self.layout = model_path, layout
-        self.opts = dict(opts)
-        self.opts.pop("seed", None)  # seeds travel with each prompt
+        self.opts = dict(opts)  # seed included: vLLM's engine seed, as in engine=local
+        if self.name == "transformers" and layout.tensor_parallel_size > 1:
+            raise RayEngineError("tensor_parallel_size > 1 needs the vllm backend (transformers runs on one device)")
         self.started = connect(layout.address, num_cpus=None)
+        try:
+            self._setup(layout, model_path, opts, ctx_note)
+        except BaseException:
+            self.close()  # a Ray this call started does not outlive a failed setup
+            raise
+
+    def _setup(
+        self, layout: RayLayout, model_path: str, opts: dict[str, Any], ctx_note: Callable[[str], None] | None
+    ) -> None:
         ray = import_ray()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         self.resources = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        try:
-            self.use_gpu = check_resources(layout, self.resources, nodes)
-        except RayEngineError:
-            self.close()
-            raise
+        self.use_gpu = check_resources(layout, self.resources, nodes)
         where = layout.address or "a local Ray"
         per = f"{layout.tensor_parallel_size} GPU" if self.use_gpu else f"{layout.cpus_per_replica:g} CPU"
         log.info("Ray engine: %d %s replica(s) x %s each on %s (%s)", layout.replicas, self.name, per, where, nodes)
