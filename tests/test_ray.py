@@ -4,6 +4,7 @@ keeps failing with its own error; bad addresses and layouts fail with a message.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def local_ray():
     ray = pytest.importorskip("ray")
     import logging
+
+    if importlib.util.find_spec("vllm") is not None:
+        from test_vllm import _cpu_engine_env
+
+        _cpu_engine_env()  # before ray.init: the replicas inherit the environment of the Ray it starts
 
     ray.init(
         num_cpus=2,
@@ -100,6 +106,21 @@ def test_ray_equals_local_with_batched_sampling(tmp_path, tiny_model_dir, local_
         tmp_path, "ray2", tiny_model_dir, rows, shard_size=4, engine="ray", replicas=2, ray_batch_prompts=3, **common
     )
     assert by_id(ray2) == by_id(local)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_ray_equals_local_with_vllm(tmp_path, local_ray, tmp_path_factory):
+    """vLLM seeds per prompt: a Ray replica with other batch boundaries gives the local engine's samples."""
+    from solopo.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny-h64", num_layers=2, hidden_size=256)
+    rows = synth_rows(5)
+    vllm = dict(backend="vllm", dtype="float32", enforce_eager=True, max_model_len=2048, n=3, max_tokens=8)
+    local, _ = sample_table(tmp_path, "local", model, rows, **vllm)
+    ray, m = sample_table(tmp_path, "ray", model, rows, engine="ray", ray_batch_prompts=2, shard_size=3, **vllm)
+    assert m["stats"]["backend"] == "vllm" and m["shards"]["count"] == 2
+    assert by_id(ray) == by_id(local)
 
 
 def test_eval_on_ray_equals_local(tmp_path, tiny_model_dir, local_ray):

@@ -85,12 +85,13 @@ def timed(label: str, make, prompts: list[str], args) -> tuple[dict, list]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny", help="tiny (2-layer, built here), embedded, or a path")
-    ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.85)
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--threads2", action="store_true", help="also local with torch on 2 threads")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over the rows, in alternating order")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,36 +121,37 @@ def main() -> None:
         return make
 
     def on_ray(replicas: int):
-        layout = RayLayout(replicas=replicas, cpus_per_replica=1, batch_prompts=max(1, len(prompts) // 10))
+        layout = RayLayout(replicas=replicas, cpus_per_replica=1, batch_prompts=max(1, len(prompts) // 8))
         return lambda: RayDataBackend("transformers", model, layout, **opts)
 
     rows, outs = [], []
     plan = [("local x1", local(1)), ("ray 1x1", on_ray(1)), ("ray 2x1", on_ray(2))]
     if args.threads2:
         plan.append(("local x2", local(2)))
-    for label, make in plan:
-        row, out = timed(label, make, prompts, args)
-        rows.append(row)
-        outs.append(out)
+    for r in range(args.rounds):  # the order alternates, so that load drift does not favour one row
+        for label, make in plan if r % 2 == 0 else plan[::-1]:
+            row, out = timed(label, make, prompts, args)
+            rows.append({"round": r + 1, **row})
+            outs.append(out)
     ray.shutdown()
     same = all(o == outs[0] for o in outs)
-    by = {r["row"]: r for r in rows}
-    ratios = (
-        {}
-        if "local x2" not in by
-        else {"local x2 / local x1 (tok/s)": round(by["local x2"]["tok_per_s"] / by["local x1"]["tok_per_s"], 2)}
-    )
-    ratios |= {
-        "ray 2x1 / ray 1x1 (tok/s)": round(by["ray 2x1"]["tok_per_s"] / by["ray 1x1"]["tok_per_s"], 2),
-        "ray 1x1 / local x1 (tok/s)": round(by["ray 1x1"]["tok_per_s"] / by["local x1"]["tok_per_s"], 2),
-        "ray 2x1 / local x1 (tok/s)": round(by["ray 2x1"]["tok_per_s"] / by["local x1"]["tok_per_s"], 2),
-        "ray 2x1 / ray 1x1 (steady tok/s)": round(
-            by["ray 2x1"]["steady_tok_per_s"] / by["ray 1x1"]["steady_tok_per_s"], 2
-        ),
-        "ray 1x1 / local x1 (steady tok/s)": round(
-            by["ray 1x1"]["steady_tok_per_s"] / by["local x1"]["steady_tok_per_s"], 2
-        ),
+    by: dict[str, dict] = {}
+    for label, _ in plan:
+        mine = [r for r in rows if r["row"] == label]
+        by[label] = {k: round(sum(r[k] for r in mine) / len(mine), 2) for k in ("tok_per_s", "steady_tok_per_s")}
+
+    def ratio(a: str, b: str, k: str) -> float:
+        return round(by[a][k] / by[b][k], 2)
+
+    ratios = {
+        "ray 2x1 / ray 1x1 (tok/s)": ratio("ray 2x1", "ray 1x1", "tok_per_s"),
+        "ray 1x1 / local x1 (tok/s)": ratio("ray 1x1", "local x1", "tok_per_s"),
+        "ray 2x1 / local x1 (tok/s)": ratio("ray 2x1", "local x1", "tok_per_s"),
+        "ray 2x1 / ray 1x1 (steady tok/s)": ratio("ray 2x1", "ray 1x1", "steady_tok_per_s"),
+        "ray 1x1 / local x1 (steady tok/s)": ratio("ray 1x1", "local x1", "steady_tok_per_s"),
     }
+    if "local x2" in by:
+        ratios["local x2 / local x1 (tok/s)"] = ratio("local x2", "local x1", "tok_per_s")
     meta = {
         "model": args.model,
         "prompts": len(prompts),
@@ -164,7 +166,7 @@ def main() -> None:
         "ray": ray.__version__,
         "identical_samples_across_rows": same,
     }
-    result = {"meta": meta, "rows": rows, "ratios": ratios}
+    result = {"meta": meta, "rows": rows, "means": by, "ratios": ratios}
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "results.md").write_text(markdown(result))
@@ -188,15 +190,17 @@ def markdown(result: dict) -> str:
         "ratios inside this run mean anything. 2 cores bound the scaling: 2 replicas can at best double "
         "1 replica, and Ray's own processes (raylet, GCS, the driver) share those cores.",
         "",
-        "| row | seconds (end to end) | first result s | generated tokens | tok/s | steady tok/s | load avg after |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| round | row | seconds (end to end) | first result s | generated tokens | tok/s | steady tok/s | load avg after |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['row']} | {r['seconds']} | {r['first_result_s']} | {r['generated_tokens']} | "
+            f"| {r['round']} | {r['row']} | {r['seconds']} | {r['first_result_s']} | {r['generated_tokens']} | "
             f"{r['tok_per_s']} | {r['steady_tok_per_s']} | {r['load_avg_after']} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += ["", "| row | mean tok/s | mean steady tok/s |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['tok_per_s']} | {v['steady_tok_per_s']} |" for k, v in result["means"].items()]
+    lines += ["", "| ratio (of the means) | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
     lines += [
         "",
@@ -214,12 +218,15 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(
-        [r["row"] for r in rows], [r["tok_per_s"] for r in rows], color=["#777", "#4a7", "#27a", "#aaa"][: len(rows)]
-    )
-    ax.set_ylabel("generated tok/s (end to end)")
+    means = result["means"]
+    labels = list(means)
+    x = list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.bar([i - 0.2 for i in x], [means[k]["tok_per_s"] for k in labels], width=0.4, label="end to end")
+    ax.bar([i + 0.2 for i in x], [means[k]["steady_tok_per_s"] for k in labels], width=0.4, label="after 1st result")
+    ax.set_xticks(x, labels)
+    ax.legend(fontsize=8)
+    ax.set_ylabel("generated tok/s (mean of rounds)")
     ax.set_title(f"2-core CPU, load avg {result['meta']['load_avg_before'][0]} before the run", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -7,6 +7,10 @@ Long-PO baseline trains on pairs sampled on x_long); those land in `long_samples
 Output, one row per question: id, question, answers, short_prompt, dataset, samples, finish_reasons,
 sample_tokens, backend, seed, long_samples (list of {target_len, samples, finish_reasons, sample_tokens};
 empty with `on: short`). Sharded by input rows: a crash after 3 of 10 shards loses nothing.
+
+engine: local runs the backend in this process, one shard after another; ray (solopo.engines.ray_data) runs
+`replicas` copies of it under Ray Data and gets every unfinished shard at once (`run_shards`), each written as
+soon as its last prompt returns. Seeds are per prompt (`job_seed`), so both engines give the same samples.
 """
 
 from __future__ import annotations
@@ -169,7 +173,8 @@ class SampleStage(Stage):
     # ------------------------------------------------------------------------------------------------
     def run(self, data: pa.Table) -> pa.Table:
         if self.config.engine == "ray":  # one shard: one Ray Data run (the runner streams several through run_shards)
-            return next(t for _, t in self.run_shards([(0, data)], lambda i: nullcontext()))
+            (table,) = [t for _, t in self.run_shards([(0, data)], lambda i: nullcontext())]
+            return table
         from tqdm.auto import tqdm
 
         c = self.config
