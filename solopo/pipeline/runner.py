@@ -20,6 +20,8 @@ import platform
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +223,7 @@ class Pipeline:
         n = (data.num_rows + size - 1) // size
         tables, resumed = [], 0
         ctx = stage.ctx
+        streamed = self._stream_shards(stage, data, size, n, shard_dir) if stage.streams_shards() else set()
         total_drops, total_ex = ctx.drops, ctx.drop_examples
         total_stats, total_how = ctx.stats, ctx.stat_how
         for i in range(n):
@@ -229,21 +232,13 @@ class Pipeline:
             if part.exists() and meta.exists():  # meta is written last: it marks the shard complete
                 m = read_json(meta)
                 tables.append(read_parquet(part))
-                resumed += 1
+                resumed += i not in streamed
             else:
                 # Each shard counts into fresh counters so that its meta holds only its own numbers.
                 ctx.drops, ctx.drop_examples, ctx.stats, ctx.stat_how = Counter(), {}, {}, {}
                 log.info("[%s] shard %d/%d", stage.name, i + 1, n)
                 out = stage.run(data.slice(i * size, size))
-                write_parquet(out, part)
-                m = {
-                    "drops": dict(ctx.drops),
-                    "drop_examples": ctx.drop_examples,
-                    "stats": {k: [v, ctx.stat_how[k]] for k, v in ctx.stats.items()},
-                    "notes": list(ctx.notes),
-                    "rows": out.num_rows,
-                }
-                write_json(m, meta)
+                m = _write_shard(shard_dir, i, out, ctx)
                 tables.append(out)
             ctx.drops, ctx.drop_examples, ctx.stats, ctx.stat_how = total_drops, total_ex, total_stats, total_how
             for r, c in m["drops"].items():
@@ -259,3 +254,50 @@ class Pipeline:
             log.info("[%s] resumed %d of %d shards from %s", stage.name, resumed, n, shard_dir)
         table = pa.concat_tables(tables, promote_options="default") if tables else data.slice(0, 0)
         return table, {"count": n, "resumed": resumed, "rows_per_shard": size}
+
+    def _stream_shards(self, stage: Stage, data: pa.Table, size: int, n: int, shard_dir: Path) -> set[int]:
+        """Give every unfinished shard to the stage at once (engine=ray) and write each as it is yielded, so a
+        killed job keeps what finished; the caller then reads them back like resumed shards."""
+        pending = [i for i in range(n) if not _shard_done(shard_dir, i)]
+        if not pending:
+            return set()
+        ctx = stage.ctx
+        outer = (ctx.drops, ctx.drop_examples, ctx.stats, ctx.stat_how)
+        counters = {i: (Counter(), {}, {}, {}) for i in pending}
+
+        @contextmanager
+        def scope(i: int) -> Iterator[None]:  # shard i's own counters, as in the one-shard-at-a-time loop
+            ctx.drops, ctx.drop_examples, ctx.stats, ctx.stat_how = counters[i]
+            try:
+                yield
+            finally:
+                ctx.drops, ctx.drop_examples, ctx.stats, ctx.stat_how = outer
+
+        log.info("[%s] %d of %d shards in one streaming run", stage.name, len(pending), n)
+        for i, out in stage.run_shards([(i, data.slice(i * size, size)) for i in pending], scope):
+            with scope(i):
+                _write_shard(shard_dir, i, out, ctx)
+            log.info("[%s] shard %d/%d written", stage.name, i + 1, n)
+        missing = [i for i in pending if not _shard_done(shard_dir, i)]
+        if missing:
+            raise SolopoError(f"stage '{stage.name}' streamed no output for shards {missing} (a bug)")
+        return set(pending)
+
+
+def _shard_done(shard_dir: Path, i: int) -> bool:
+    # meta is written last: it marks the shard complete
+    return (shard_dir / f"part-{i:05d}.parquet").exists() and (shard_dir / f"part-{i:05d}.json").exists()
+
+
+def _write_shard(shard_dir: Path, i: int, out: pa.Table, ctx: StageContext) -> dict[str, Any]:
+    """Write shard i and its meta (its own drops and stats, from ctx's current counters); meta goes last."""
+    write_parquet(out, shard_dir / f"part-{i:05d}.parquet")
+    m = {
+        "drops": dict(ctx.drops),
+        "drop_examples": ctx.drop_examples,
+        "stats": {k: [v, ctx.stat_how[k]] for k, v in ctx.stats.items()},
+        "notes": list(ctx.notes),
+        "rows": out.num_rows,
+    }
+    write_json(m, shard_dir / f"part-{i:05d}.json")
+    return m

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,6 +98,18 @@ class Stage:
 
     def run(self, data: pa.Table | None) -> pa.Table:
         """Turn the input table (None for a source stage) into the output table."""
+        raise NotImplementedError
+
+    def streams_shards(self) -> bool:
+        """True when the executor should hand every unfinished shard to `run_shards` at once (a distributed
+        engine that keeps its workers busy across shard boundaries) instead of calling `run` per shard."""
+        return False
+
+    def run_shards(
+        self, parts: list[tuple[int, pa.Table]], scope: Callable[[int], AbstractContextManager[Any]]
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """Yield (shard index, output) for every part, each as soon as it is done; the executor writes it
+        then. Counting (drops, stats) for shard i must happen inside `with scope(i):`."""
         raise NotImplementedError
 
     def finalize(self, table: pa.Table) -> pa.Table:

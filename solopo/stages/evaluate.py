@@ -16,7 +16,8 @@ import pyarrow as pa
 from pydantic import field_validator
 from tqdm.auto import tqdm
 
-from solopo.pipeline.config import StageConfig, format_length, parse_lengths, register_preset
+from solopo.engines import EngineConfig
+from solopo.pipeline.config import format_length, parse_lengths, register_preset
 from solopo.pipeline.errors import ConfigError, SolopoError
 from solopo.pipeline.io import dir_fingerprint, write_json, write_text
 from solopo.pipeline.stage import Stage
@@ -29,7 +30,7 @@ log = logging.getLogger("solopo")
 DEFAULT_SOURCES = {"musique": "musique-dev-sample", "hotpotqa": "hotpotqa-sample"}
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas (solopo.engines)
     lengths: list[int] = [4096, 8192]
     datasets: list[Literal["musique", "hotpotqa"]] = ["musique", "hotpotqa"]
     musique_source: str = DEFAULT_SOURCES["musique"]
@@ -190,7 +191,7 @@ class EvalStage(Stage):
     def run(self, data: pa.Table | None) -> pa.Table:
         from transformers import AutoTokenizer
 
-        from solopo.backends import get_backend
+        from solopo.engines import open_backend
         from solopo.metrics import extract_final_answer, sub_em
 
         models = self._models(data)
@@ -202,14 +203,17 @@ class EvalStage(Stage):
         out: dict[str, list] = defaultdict(list)
         for label, path in models:
             log.info("[eval] %s (%s): %d prompts", label, path, len(rows))
-            backend = get_backend(
+            backend = open_backend(
+                self.config,
                 self.config.backend,
                 path,
                 ctx_note=self.ctx.note,
                 trust_remote_code=self.ctx.run.trust_remote_code,
                 batch_size=self.config.batch_size,
+                tensor_parallel_size=self.config.tensor_parallel_size,
             )
             self.ctx.stat("backend", backend.name)
+            self.ctx.stat("engine", self.config.engine)
             self.ctx.stat("dtype", getattr(backend, "dtype", "engine default"))
             for k, v in getattr(backend, "settings", {}).items():
                 self.ctx.stat(f"backend_{k}", v)

@@ -7,19 +7,26 @@ Long-PO baseline trains on pairs sampled on x_long); those land in `long_samples
 Output, one row per question: id, question, answers, short_prompt, dataset, samples, finish_reasons,
 sample_tokens, backend, seed, long_samples (list of {target_len, samples, finish_reasons, sample_tokens};
 empty with `on: short`). Sharded by input rows: a crash after 3 of 10 shards loses nothing.
+
+engine: local runs the backend in this process, one shard after another; ray (solopo.engines.ray_data) runs
+`replicas` copies of it under Ray Data and gets every unfinished shard at once (`run_shards`), each written as
+soon as its last prompt returns. Seeds are per prompt (`job_seed`), so both engines give the same samples.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
-from solopo.pipeline.config import StageConfig, register_preset
-from solopo.pipeline.errors import DataError
+from solopo.engines import EngineConfig
+from solopo.pipeline.config import register_preset
+from solopo.pipeline.errors import DataError, SolopoError
 from solopo.pipeline.io import dir_fingerprint
 from solopo.pipeline.stage import Stage
 
@@ -56,7 +63,7 @@ SAMPLE_SCHEMA = pa.schema(
 )
 
 
-class SampleConfig(StageConfig):
+class SampleConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas (solopo.engines)
     backend: Literal["auto", "vllm", "transformers"] = "auto"
     n: int = Field(default=PAPER_N, ge=1, description="samples per prompt (paper: 32)")
     temperature: float = Field(default=PAPER_TEMPERATURE, ge=0.0, description="0 = greedy (paper: 0.85)")
@@ -80,8 +87,7 @@ class SampleConfig(StageConfig):
         description="transformers: shared = prefill a prompt once for its n samples (auto on CPU); "
         "batched = prompts x n rows in one generate call (auto on CUDA)",
     )
-    # vLLM backend
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    # vLLM backend (tensor_parallel_size: in EngineConfig)
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
@@ -92,6 +98,11 @@ class SampleConfig(StageConfig):
 # The embedded 135M model on 2 CPU cores: 8 samples of at most 192 tokens per question (paper: 32, no cap
 # stated). The stage states the reduction in its log, manifest and the data card.
 register_preset("cpu-demo", {"sample": {"n": 8, "max_tokens": 128, "shard_size": 16, "batch_size": 32}})
+
+
+def job_seed(run_seed: int, qid: str, target_len: int | None) -> int:
+    """Seed of one prompt: the question's, shifted by target_len for its long prompts."""
+    return question_seed(run_seed, qid) + (target_len or 0)
 
 
 def question_seed(run_seed: int, qid: str) -> int:
@@ -135,7 +146,7 @@ class SampleStage(Stage):
         return {"model": model, "backend": resolve_backend_name(self.config.backend)}
 
     def setup(self) -> None:
-        from solopo.backends import get_backend
+        from solopo.engines import open_backend
         from solopo.models import resolve_model
 
         c = self.config
@@ -145,7 +156,8 @@ class SampleStage(Stage):
                 f"sampling n={c.n} at T={c.temperature}, max_tokens={c.max_tokens} "
                 f"(paper: n={PAPER_N}, T={PAPER_TEMPERATURE})" + (f" from preset {preset}" if preset else "")
             )
-        self.backend = get_backend(
+        self.backend = open_backend(
+            c,
             c.backend,
             resolve_model(self.ctx.run.model),
             ctx_note=self.ctx.note,
@@ -163,6 +175,7 @@ class SampleStage(Stage):
             seed=self._seed(),
         )
         self.ctx.stat("backend", self.backend.name)
+        self.ctx.stat("engine", c.engine)
         self.ctx.stat("dtype", getattr(self.backend, "dtype", "engine default"))
         for k, v in getattr(self.backend, "settings", {}).items():
             self.ctx.stat(f"backend_{k}", v)
@@ -175,13 +188,114 @@ class SampleStage(Stage):
 
     # ------------------------------------------------------------------------------------------------
     def run(self, data: pa.Table) -> pa.Table:
+        if self.config.engine == "ray":  # one shard: one Ray Data run (the runner streams several through run_shards)
+            (table,) = [t for _, t in self.run_shards([(0, data)], lambda i: nullcontext())]
+            return table
         from tqdm.auto import tqdm
 
         c = self.config
-        rows = data.to_pylist()
+        questions, longs, jobs, prompt_len = self._plan(data)
+        seed = self._seed()
+        bar = tqdm(total=len(jobs), desc=f"sample[{self.backend.name}]", unit="prompt", dynamic_ncols=True)
+        t0, tokens = time.time(), 0
+
+        def progress(done: int, toks: int) -> None:
+            nonlocal tokens
+            tokens += toks
+            bar.update(done)
+            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
+
+        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
+        per_call = getattr(self.backend, "batch_size", 256)
+        chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
+        gens: dict[tuple[str, int | None], list] = {}
+        try:
+            for start in range(0, len(jobs), chunk):
+                part = jobs[start : start + chunk]
+                outs = self.backend.generate(
+                    [p for _, _, p in part],
+                    n=c.n,
+                    temperature=c.temperature,
+                    top_p=c.top_p,
+                    max_tokens=c.max_tokens,
+                    seed=[job_seed(seed, qid, tl) for qid, tl, _ in part],
+                    progress=progress,
+                )
+                for (qid, tl, _), g in zip(part, outs, strict=True):
+                    gens[(qid, tl)] = g
+        finally:
+            bar.close()
+        return self._assemble(questions, longs, jobs, prompt_len, gens, tokens, time.time() - t0)
+
+    def streams_shards(self) -> bool:
+        return self.config.engine == "ray"
+
+    def run_shards(
+        self,
+        parts: list[tuple[int, pa.Table]],
+        scope: Callable[[int], AbstractContextManager[Any]],
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """engine=ray: every unfinished shard in one Ray Data run, so replicas load the model once and stay
+        busy across shard boundaries; a shard is yielded as soon as its last prompt returns, and the runner
+        writes it then (a killed job keeps it). `scope(i)` gives shard i its own drop/stat counters."""
+        from tqdm.auto import tqdm
+
+        c, seed = self.config, self._seed()
+        plans: dict[int, tuple] = {}
+        owner: dict[int, tuple[int, str, int | None]] = {}  # job key -> (shard, id, target_len)
+        jobs: list[tuple[int, str, int]] = []
+        for i, part in parts:
+            with scope(i):
+                plans[i] = self._plan(part)
+            for qid, tl, p in plans[i][2]:
+                owner[len(jobs)] = (i, qid, tl)
+                jobs.append((len(jobs), p, job_seed(seed, qid, tl)))
+        left = {i: len(plan[2]) for i, plan in plans.items()}
+        got: dict[int, dict[tuple[str, int | None], list]] = {i: {} for i in plans}
+        shard_tokens = dict.fromkeys(plans, 0)
+        t_last = time.time()
+
+        def finish(i: int) -> pa.Table:
+            nonlocal t_last
+            now = time.time()
+            with scope(i):  # shards overlap: each is charged the wall time since the previous one finished
+                table = self._assemble(*plans[i], got.pop(i), shard_tokens[i], now - t_last)
+            t_last = now
+            return table
+
+        for i in [i for i, k in left.items() if k == 0]:
+            yield i, finish(i)  # every prompt of the shard was dropped
+        desc = f"sample[ray {c.replicas}x {self.backend.name}]"
+        bar = tqdm(total=len(jobs), desc=desc, unit="prompt", dynamic_ncols=True)
+        t0, tokens = time.time(), 0
+
+        def progress(done: int, toks: int) -> None:
+            nonlocal tokens
+            tokens += toks
+            bar.update(done)
+            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
+
+        try:
+            gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
+            for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
+                i, qid, tl = owner[key]
+                got[i][(qid, tl)] = g
+                shard_tokens[i] += sum(x.num_tokens for x in g)
+                left[i] -= 1
+                if left[i] == 0:
+                    yield i, finish(i)
+        finally:
+            bar.close()
+        if got:
+            raise SolopoError(f"engine ray: shards {sorted(got)} did not get all their prompts back (a bug)")
+
+    def _plan(self, data: pa.Table) -> tuple[dict, dict, list, dict]:
+        """Questions (deduplicated by id), long prompts per id, the jobs (id, target_len | None, prompt)
+        left after dropping prompts that do not fit the context, and the prompt lengths."""
+        c = self.config
         questions: dict[str, dict[str, Any]] = {}  # id -> first row (insertion order = input order)
         longs: dict[str, list[tuple[int, str]]] = {}
-        for r in rows:
+        for r in data.to_pylist():
             qid = r["id"]
             if qid not in questions:
                 questions[qid] = r
@@ -200,40 +314,20 @@ class SampleStage(Stage):
         for qid, items in longs.items():
             jobs.extend((qid, tl, p) for tl, p in sorted(items))
         jobs = self._drop_too_long(jobs)
+        return questions, longs, jobs, self._prompt_len
 
+    def _assemble(
+        self,
+        questions: dict[str, dict[str, Any]],
+        longs: dict[str, list[tuple[int, str]]],
+        jobs: list,
+        prompt_len: dict[tuple[str, int | None], int],
+        gens: dict[tuple[str, int | None], list],
+        tokens: int,
+        seconds: float,
+    ) -> pa.Table:
+        c = self.config
         seed = self._seed()
-        bar = tqdm(total=len(jobs), desc=f"sample[{self.backend.name}]", unit="prompt", dynamic_ncols=True)
-        t0, tokens = time.time(), 0
-
-        def progress(done: int, toks: int) -> None:
-            nonlocal tokens
-            tokens += toks
-            bar.update(done)
-            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
-
-        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
-        per_call = getattr(self.backend, "batch_size", 256)
-        chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
-        gens: dict[tuple[str, int | None], list] = {}
-        try:
-            for start in range(0, len(jobs), chunk):
-                part = jobs[start : start + chunk]
-                seeds = [question_seed(seed, qid) + (tl or 0) for qid, tl, _ in part]
-                outs = self.backend.generate(
-                    [p for _, _, p in part],
-                    n=c.n,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    max_tokens=c.max_tokens,
-                    seed=seeds,
-                    progress=progress,
-                )
-                for (qid, tl, _), g in zip(part, outs, strict=True):
-                    gens[(qid, tl)] = g
-        finally:
-            bar.close()
-        seconds = time.time() - t0
-
         out = []
         n_short = n_trunc = 0
         for qid, q in questions.items():
@@ -265,7 +359,7 @@ class SampleStage(Stage):
                     "samples": [x.text for x in g],
                     "finish_reasons": [x.finish_reason for x in g],
                     "sample_tokens": [x.num_tokens for x in g],
-                    "prompt_tokens": self._prompt_len.get((qid, None)),
+                    "prompt_tokens": prompt_len.get((qid, None)),
                     "backend": self.backend.name,
                     "seed": question_seed(seed, qid),
                     "long_samples": long_entries,
