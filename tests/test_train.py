@@ -94,9 +94,6 @@ def test_dpo_reference_is_cached(tmp_path, tiny_model_dir):
     assert any("loaded from the cache" in n for n in b["notes"])
 
 
-def test_nonfinite_loss_names_step_and_batch(tmp_path, tiny_model_dir):
-    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 2, micro-batch 1/1, examples \['q"):
-        run(tmp_path, tiny_model_dir, algo="orpo", lr=float("inf"), max_steps=2)
 
 
 def test_checkpoint_resume(tmp_path, tiny_model_dir):
