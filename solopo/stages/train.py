@@ -167,7 +167,7 @@ class TrainStage(Stage):
         final = result.get("final", {})
         for k, v in final.items():
             self.ctx.stat(f"final_{k}", v)
-        self._write_card(result, model_path)
+        self._write_card(result, model_path, data)
         row = {
             "model_path": [result["model_path"]],
             "algo": [cfg.algo],
@@ -183,13 +183,17 @@ class TrainStage(Stage):
             row[k] = [float(final[k]) if k in final else None]
         return pa.table(row)
 
-    def _write_card(self, result: dict[str, Any], model_path: str) -> None:
+    def _write_card(self, result: dict[str, Any], model_path: str, data: pa.Table | None) -> None:
         """README.md model card (HF format) next to the weights; eval adds its table later (add_eval_results)."""
         from solopo.training.model_card import base_model_id, base_model_license, write_model_card
 
-        cfg = self.ctx.config
-        load = getattr(cfg, "load", None)
-        datasets = [load.dataset] if load is not None and getattr(load, "dataset", None) else []
+        # The source datasets the triplets came from (export's `dataset` column), else the load stage's choice.
+        if data is not None and "dataset" in data.column_names:
+            datasets = sorted({str(x) for x in data.column("dataset").to_pylist() if x})
+        else:
+            load = getattr(self.ctx.config, "load", None)
+            named = getattr(load, "dataset", None)
+            datasets = [named] if named and named != "auto" else []
         write_model_card(
             result["model_path"],
             base_model=base_model_id(self.ctx.run.model, model_path),

@@ -163,8 +163,9 @@ def write_model_card(
 
     algo, mode = result["algo"], result["mode"]
     name = Path(model_dir).name
+    on_hub = "/" in base_model  # a local checkpoint's name is no hub id: named in the text, not in the metadata
     data = ModelCardData(
-        base_model=base_model,
+        base_model=base_model if on_hub else None,
         datasets=datasets or None,
         library_name="transformers",
         license=license,
@@ -177,20 +178,22 @@ def write_model_card(
         "mode": mode,
         "alpha (SoLo-RA weight)": result["alpha"],
         "beta": result["beta"],
+        **({"orpo_lambda": train_config.get("orpo_lambda")} if algo == "orpo" else {}),
+        **({"gamma (SimPO margin)": train_config.get("gamma")} if algo == "simpo" else {}),
         "optimizer steps": result["steps"],
         "training examples": result["examples"],
         "long context length (tokens)": result.get("target_len"),
         "learning rate": train_config.get("lr"),
         "batch (micro x accum x ranks)": f"{train_config.get('micro_batch_size')} x {train_config.get('grad_accum')}"
         f" x {result.get('world_size', 1)}",
-        "dtype (training = saved unless stated)": result.get("dtype"),
+        "training dtype": result.get("dtype"),
         "saved dtype": result.get("save_dtype", result.get("dtype")),
     }
     final = result.get("final", {})
     body = f"""
 # {name}
 
-This model is [{base_model}](https://huggingface.co/{base_model}) trained with
+This model is {f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"} trained with
 [SoLoPO](https://arxiv.org/abs/2505.11166) (Short-to-Long Preference Optimization) by `solopo`:
 {algo.upper()} in `{mode}` mode{" with the SoLo-RA reward-alignment term" if mode == "solo" else ""}.
 
@@ -205,7 +208,7 @@ Data: {result["examples"]} preference triplets (short prompt, long prompt, chose
 
 ## Final training metrics
 
-{_table([{k: v for k, v in final.items()}]) if final else "No step was run."}
+{_table([{"metric": k, "value": v} for k, v in final.items()]) if final else "No step was run."}
 
 Per-step logs: `trainer_state.json` (HF Trainer's `log_history`), `logs.jsonl`, `training_curves.png`;
 summary: `all_results.json`.

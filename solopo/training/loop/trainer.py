@@ -895,12 +895,10 @@ def _save_model(
             key = (v.data_ptr(), v.shape, v.stride())
             cast[key] = cast[key] if key in cast else v.to(dtype)
             state_dict[k] = cast[key]
-    trained_dtype = lm.config.dtype
-    lm.config.dtype = dtype  # config.json states the saved dtype
-    try:
-        lm.save_pretrained(tmp, state_dict=state_dict)
-    finally:
-        lm.config.dtype = trained_dtype
+    lm.save_pretrained(tmp, state_dict=state_dict)
+    config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained states the model's dtype, not the saved one
+    write_json(config, tmp / "config.json")
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra_json or {}).items():
         write_json(obj, tmp / name)
