@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from conftest import SHARED
 from test_train import export_rows, run
 
 from solopo.pipeline.config import build_config
@@ -308,3 +309,34 @@ def test_add_eval_results_replaces_its_section(tmp_path):
     assert text.count("## Evaluation") == 1 and "| 4k | 12.5 | 8 |" in text and "| 8k | 0 |  |" in text
     assert "10.0" not in text and "percent" not in text  # the second call replaced the first
     assert text.index("## Evaluation") < text.index("## How to load")
+
+
+# --- eval never scores a question the model was trained on ---------------------------------------------------
+def test_eval_excludes_training_ids(tmp_path, tokenizer):
+    """Ids in the run's load output and in eval.exclude_from are dropped (and counted) from the eval set."""
+    from solopo.pipeline.io import write_parquet
+    from solopo.pipeline.runner import Pipeline
+    from solopo.stages.evaluate import EvalStage
+
+    lines = (SHARED / "data" / "musique" / "musique_ans_dev_sample.jsonl").read_text().splitlines()[:4]
+    src = tmp_path / "dev.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    ids = [json.loads(x)["id"] for x in lines]
+    run_dir = tmp_path / "run"
+    write_parquet(pa.table({"id": ids[:2]}), run_dir / "load" / "data.parquet")  # trained on in this run
+    write_parquet(pa.table({"id": [ids[2]]}), tmp_path / "other.parquet")  # trained on elsewhere
+    cfg = build_config(
+        None,
+        [
+            f"run.run_dir={run_dir}",
+            "eval.datasets=[musique]",
+            f"eval.musique_source={src}",
+            "eval.n_questions=4",
+            "eval.lengths=1k",
+            f"eval.exclude_from={tmp_path / 'other.parquet'}",
+        ],
+    )
+    ctx = Pipeline([EvalStage], cfg)._context(EvalStage)
+    evalset = EvalStage(cfg.eval, ctx)._eval_set(tokenizer)
+    assert set(evalset.column("id").to_pylist()) == {ids[3]}
+    assert ctx.drops["musique:overlaps_training_ids"] == 3

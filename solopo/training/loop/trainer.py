@@ -243,7 +243,7 @@ class DeepSpeedBackend(PlainBackend):
         self.engine.step()  # DeepSpeed counts micro-batches and updates at the accumulation boundary
         if boundary:
             gn = self.engine.get_global_grad_norm()
-            self.grad_norm = gn if gn is not None else float("nan")
+            self.grad_norm = gn  # None when DeepSpeed did not compute one: the weights' check still runs
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -335,8 +335,11 @@ def micro_batch_logps(
 
 # --- numerical health: one device-side reduction per optimizer step ----------------------------------------------
 def step_health(
-    grad_norm: torch.Tensor | float, params: list[torch.Tensor], losses: list[torch.Tensor], device: torch.device
-) -> tuple[float, list[str]]:
+    grad_norm: torch.Tensor | float | None,
+    params: list[torch.Tensor],
+    losses: list[torch.Tensor],
+    device: torch.device,
+) -> tuple[float | None, list[str]]:
     """After an optimizer step: (grad norm, what is non-finite among "gradients", "parameters", "loss").
 
     The gradients are judged by their global norm, the updated parameters by max |p| (NaN propagates, inf stays
@@ -344,7 +347,7 @@ def step_health(
     Everything is reduced on the device and crosses to the host once per step (never per micro-batch); the flags
     are max-reduced across ranks so that every rank takes the same branch."""
     on = device if device.type == "cuda" else torch.device("cpu")  # nccl reduces CUDA tensors, gloo CPU ones
-    gn = torch.as_tensor(grad_norm, device=on).float().reshape(())
+    gn = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=on).float().reshape(())
     params = [t for t in params if t.numel() > 0]  # a ZeRO-3 partition can be empty
     pmax = (
         torch.stack([n.to(on).float() for n in torch._foreach_norm(params, float("inf"))]).max()
@@ -355,7 +358,7 @@ def step_health(
     bad = torch.stack([~torch.isfinite(gn), ~torch.isfinite(pmax), ~loss_ok.to(on)]).float()  # (3,)
     vals = torch.cat([gn.reshape(1), _all_reduce(bad, "max")]).tolist()  # the one host sync of the check
     names = [k for k, flag in zip(("gradients", "parameters", "loss"), vals[1:], strict=True) if flag]
-    return vals[0], names
+    return (None if grad_norm is None else vals[0]), names
 
 
 def nonfinite_error(what: list[str], step: int, ids: list[str], losses: list[torch.Tensor], cfg, rank: int):
