@@ -15,7 +15,7 @@ import torch
 
 from solopo.pipeline.errors import DataError
 from solopo.stages.train import TrainConfig
-from solopo.training.loop.trainer import TrainingError, train
+from solopo.training.loop.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,20 +25,41 @@ def export_rows(n: int = 4) -> list[dict]:
     for i in range(n):
         doc = f"Document 1 (Title: T{i}): Item {i} was made in Lyon, France."
         q = f"Question: Where was item {i} made?"
-        rows.append({
-            "id": f"q{i}", "pair_index": 0, "target_len": 1024, "question": q, "answers": ["Lyon"],
-            "short_prompt": f"{doc}\n\n{q}",
-            "long_prompt": "\n\n".join(["Document 0 (Title: F): " + "filler words " * (20 + 7 * i), doc]) + f"\n\n{q}",
-            "chosen_response": f"Item {i} was made in Lyon. The answer is: Lyon",
-            "rejected_response": "It was made in Paris" + " maybe" * i + ". The answer is: Paris",
-            "short_tokens": 60, "long_tokens": 200 + 10 * i, "rho": 0.3,
-        })
+        rows.append(
+            {
+                "id": f"q{i}",
+                "pair_index": 0,
+                "target_len": 1024,
+                "question": q,
+                "answers": ["Lyon"],
+                "dataset": "musique",
+                "short_prompt": f"{doc}\n\n{q}",
+                "long_prompt": "\n\n".join(["Document 0 (Title: F): " + "filler words " * (20 + 7 * i), doc])
+                + f"\n\n{q}",
+                "chosen_response": f"Item {i} was made in Lyon. The answer is: Lyon",
+                "rejected_response": "It was made in Paris" + " maybe" * i + ". The answer is: Paris",
+                "short_tokens": 60,
+                "long_tokens": 200 + 10 * i,
+                "rho": 0.3,
+            }
+        )
     return rows
 
 
 def run(tmp, tiny, **kw):
-    cfg = TrainConfig(**{"max_steps": 1, "lr": 1e-3, "micro_batch_size": 1, "grad_accum": 1, "max_grad_norm": 1e9,
-                         "warmup_ratio": 0.0, "lr_scheduler": "constant", "gradient_checkpointing": False, **kw})
+    cfg = TrainConfig(
+        **{
+            "max_steps": 1,
+            "lr": 1e-3,
+            "micro_batch_size": 1,
+            "grad_accum": 1,
+            "max_grad_norm": 1e9,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+            "gradient_checkpointing": False,
+            **kw,
+        }
+    )
     return train(cfg, model_path=str(tiny), table=pa.Table.from_pylist(export_rows()), out_dir=tmp, seed=0)
 
 
@@ -94,13 +115,9 @@ def test_dpo_reference_is_cached(tmp_path, tiny_model_dir):
     assert any("loaded from the cache" in n for n in b["notes"])
 
 
-def test_nonfinite_loss_names_step_and_batch(tmp_path, tiny_model_dir):
-    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 2, micro-batch 1/1, examples \['q"):
-        run(tmp_path, tiny_model_dir, algo="orpo", lr=float("inf"), max_steps=2)
-
-
 def test_checkpoint_resume(tmp_path, tiny_model_dir):
-    """A run interrupted after a checkpoint resumes there and ends with the same weights as an uninterrupted run."""
+    """A run interrupted after a checkpoint resumes there and ends with the same weights as an uninterrupted run;
+    its logs.jsonl continues the checkpoint's rows (step 3 was logged before the kill and is redone: logged once)."""
     full = run(tmp_path / "full", tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     part = tmp_path / "part"
     import solopo.training.loop.trainer as T
@@ -108,21 +125,24 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
     real = T._Agg.finish
     calls = {"n": 0}
 
-    def crash_after_3(self, *a, **k):
+    def crash_in_step_4(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 4:
             raise KeyboardInterrupt("simulated kill")
         return real(self, *a, **k)
 
-    T._Agg.finish = crash_after_3
+    T._Agg.finish = crash_in_step_4
     try:
         with pytest.raises(KeyboardInterrupt):
             run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     finally:
         T._Agg.finish = real
     assert (part / "models" / "orpo-solo.checkpoints" / "step-2").exists()
+    logs = part / "models" / "orpo-solo" / "logs.jsonl"
+    assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3]
     resumed = run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     assert any("resumed from checkpoint" in n for n in resumed["notes"]) and resumed["steps"] == 4
+    assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3, 4]
     wf, wr = weights(full["model_path"]), weights(resumed["model_path"])
     for k in wf:
         torch.testing.assert_close(wf[k], wr[k], rtol=1e-5, atol=1e-7)
@@ -142,9 +162,16 @@ def write_export_chain(run_dir: Path, overrides: list[str]) -> None:
     up = None
     for cls in chain("export"):
         stage = cls(getattr(cfg, cls.name), pipe._context(cls))
-        key = stable_hash({"stage": cls.name, "version": cls.version, "config": config_to_dict(getattr(cfg, cls.name)),
-                           "run": {"model": cfg.run.model, "seed": cfg.run.seed}, "upstream": up,
-                           "fingerprint": stage.fingerprint()})
+        key = stable_hash(
+            {
+                "stage": cls.name,
+                "version": cls.version,
+                "config": config_to_dict(getattr(cfg, cls.name)),
+                "run": {"model": cfg.run.model, "seed": cfg.run.seed},
+                "upstream": up,
+                "fingerprint": stage.fingerprint(),
+            }
+        )
         d = run_dir / cls.name
         d.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(export_rows()) if cls.name == "export" else pa.table({"id": ["x"]})
@@ -179,10 +206,32 @@ def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     assert res.exit_code == 0, res.output
     out = pa.parquet.read_table(run_dir / "train" / "data.parquet").to_pylist()[0]
     assert out["algo"] == "orpo" and out["mode"] == "solo" and out["alpha"] == 1.0 and out["steps"] == 2
-    from transformers import AutoModelForCausalLM
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, TrainerState
 
     m = AutoModelForCausalLM.from_pretrained(out["model_path"])
     assert m.config.num_hidden_layers == 2
+    # the model card (HF format), validated by huggingface_hub, and HF Trainer's state/results files
+    card = ModelCard.load(Path(out["model_path"]) / "README.md")
+    # a local checkpoint has no hub id: named in the text, kept out of base_model; no machine path anywhere
+    assert card.data.base_model is None and "`tiny-llama`" in card.text and str(tiny_model_dir) not in str(card)
+    assert card.data.library_name == "transformers" and card.data.datasets == ["musique"]
+    assert {"solopo", "trl", "orpo"} <= set(card.data.tags) and card.data.license is None  # unknown: not invented
+    for fact in (
+        "| algorithm | orpo |",
+        "| mode | solo |",
+        "| alpha (SoLo-RA weight) | 1.0 |",
+        "| beta | 0.0 |",
+        "| orpo_lambda | 0.1 |",
+        "| optimizer steps | 2 |",
+        "| training examples | 4 |",
+        "## Final training metrics",
+        "| reward_acc |",
+        "AutoModelForCausalLM.from_pretrained",
+    ):
+        assert fact in card.text, fact
+    assert TrainerState.load_from_json(str(Path(out["model_path"]) / "trainer_state.json")).global_step == 2
+    assert json.loads((Path(out["model_path"]) / "all_results.json").read_text())["train_samples"] == 4
     manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
     assert manifest["stats"]["steps"] == 2 and "final_loss" in manifest["stats"]
     # an unchanged rerun is a no-op
@@ -197,17 +246,31 @@ def test_deepspeed_zero3_cpu(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     common = [f"run.run_dir={run_dir}", f"run.model={tiny_model_dir}"]
     write_export_chain(run_dir, common)
-    sets = [*common, "train.max_steps=2", "train.micro_batch_size=2", "train.grad_accum=1", "train.lr=1e-3",
-            "train.deepspeed=zero3",
-            "train.gradient_checkpointing=false"]
+    sets = [
+        *common,
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "train.grad_accum=1",
+        "train.lr=1e-3",
+        "train.deepspeed=zero3",
+        "train.gradient_checkpointing=false",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "solopo.cli", "train", "--algo", "dpo"] + [x for s in sets for x in ("--set", s)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "deepspeed zero3" in proc.stderr
     ds = [json.loads(x) for x in (run_dir / "train" / "models" / "dpo-solo" / "logs.jsonl").read_text().splitlines()]
-    plain = run(tmp_path / "plain", tiny_model_dir, algo="dpo", max_steps=2, micro_batch_size=2,
-                warmup_ratio=0.1, lr_scheduler="cosine", max_grad_norm=1.0)
+    plain = run(
+        tmp_path / "plain",
+        tiny_model_dir,
+        algo="dpo",
+        max_steps=2,
+        micro_batch_size=2,
+        warmup_ratio=0.1,
+        lr_scheduler="cosine",
+        max_grad_norm=1.0,
+    )
     hp = [json.loads(x) for x in (Path(plain["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ds] == pytest.approx([r["loss"] for r in hp], rel=1e-4)
     weights(run_dir / "train" / "models" / "dpo-solo")  # the ZeRO-3 model was gathered and saved in HF format

@@ -19,9 +19,10 @@ from .errors import ConfigError
 
 
 class StageConfig(BaseModel):
-    """Base for every stage's config: frozen, unknown keys rejected."""
+    """Base for every stage's config: frozen, unknown keys rejected, and every float finite (nan/inf in any float
+    field, nested ones included, is a config error: train.lr=nan would otherwise train to a NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 _LEN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
@@ -168,6 +169,8 @@ def _format_errors(err: ValidationError) -> list[str]:
             elif section == "run":
                 known = "; known keys: " + ", ".join(RunSettings.model_fields)
             msg = f"unknown key{known}"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number, got {e['input']!r}"
         out.append(f"{loc}: {msg}")
     return out
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from solopo.pipeline.config import StageConfig, parse_length, register_preset
-from solopo.pipeline.io import dir_fingerprint, read_json, write_json
+from solopo.pipeline.io import dir_fingerprint, read_json
 from solopo.pipeline.stage import Stage
 
 from . import register
@@ -43,17 +43,21 @@ class TrainConfig(StageConfig):
     target_len: int | None = Field(
         default=None, description="which long length of the data to train on; None = largest"
     )
-    lr: float = 5e-7
+    lr: float = Field(default=5e-7, gt=0)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int | None = Field(default=None, description="stop after this many optimizer steps (overrides epochs)")
-    micro_batch_size: int = 1
-    grad_accum: int = 8
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(
+        default=None, gt=0, description="stop after this many optimizer steps (overrides epochs)"
+    )
+    micro_batch_size: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=8, gt=0)
     max_length: int | None = Field(default=None, description="drop examples with a longer sequence (tokens)")
-    logps_chunk: int = Field(default=1024, description="LM-head rows per chunk when computing completion log-probs")
+    logps_chunk: int = Field(
+        default=1024, gt=0, description="LM-head rows per chunk when computing completion log-probs"
+    )
     gradient_checkpointing: bool = True
     shared_prefix: bool = Field(
         default=False,
@@ -66,11 +70,18 @@ class TrainConfig(StageConfig):
     num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
     hostfile: str | None = None
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    logging_steps: int = 1
+    logging_steps: int = Field(default=1, gt=0)
     save_steps: int = 0
     resume: bool = True
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    save_dtype: Literal["auto", "fp32"] = Field(
+        default="auto", description="dtype of the saved weights: auto = the training dtype (bf16 when trained in bf16)"
+    )
+    disable_dropout: bool = Field(
+        default=True,
+        description="zero every dropout in the policy (TRL's default): the DPO reference is computed without dropout",
+    )
     seed: int | None = Field(default=None, description="None = run.seed")
 
     @field_validator("target_len", "max_length", mode="before")
@@ -80,12 +91,8 @@ class TrainConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        # (positivity is checked per field, so that it is reported together with every other field's problem)
         problems = []
-        for k in ("lr", "micro_batch_size", "grad_accum", "logps_chunk", "logging_steps", "epochs"):
-            if getattr(self, k) <= 0:
-                problems.append(f"{k} must be positive")
-        if self.max_steps is not None and self.max_steps <= 0:
-            problems.append("max_steps must be positive")
         if self.offload != "none" and self.deepspeed == "none":
             problems.append("offload needs deepspeed=zero2 or zero3")
         if self.offload == "full" and self.deepspeed != "zero3":
@@ -160,7 +167,7 @@ class TrainStage(Stage):
         final = result.get("final", {})
         for k, v in final.items():
             self.ctx.stat(f"final_{k}", v)
-        write_json(result, Path(result["model_path"]) / "train_result.json")
+        self._write_card(result, model_path, data)
         row = {
             "model_path": [result["model_path"]],
             "algo": [cfg.algo],
@@ -176,6 +183,27 @@ class TrainStage(Stage):
             row[k] = [float(final[k]) if k in final else None]
         return pa.table(row)
 
+    def _write_card(self, result: dict[str, Any], model_path: str, data: pa.Table | None) -> None:
+        """README.md model card (HF format) next to the weights; eval adds its table later (add_eval_results)."""
+        from solopo.training.model_card import base_model_id, base_model_license, write_model_card
+
+        # The source datasets the triplets came from (export's `dataset` column), else the load stage's choice.
+        if data is not None and "dataset" in data.column_names:
+            datasets = sorted({str(x) for x in data.column("dataset").to_pylist() if x})
+        else:
+            load = getattr(self.ctx.config, "load", None)
+            named = getattr(load, "dataset", None)
+            datasets = [named] if named and named != "auto" else []
+        write_model_card(
+            result["model_path"],
+            base_model=base_model_id(self.ctx.run.model, model_path),
+            result=result,
+            train_config=self.config.model_dump(mode="json"),
+            datasets=datasets,
+            license=base_model_license(self.ctx.run.model, model_path),
+        )
+
     @staticmethod
     def load_result(model_dir: str | Path) -> dict[str, Any]:
-        return read_json(Path(model_dir) / "train_result.json")
+        """HF Trainer's all_results.json of a trained model dir."""
+        return read_json(Path(model_dir) / "all_results.json")

@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
-from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet
+from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
 from solopo.resources import resource_text
 from solopo.training.data import (
     Example,
@@ -50,6 +50,7 @@ from solopo.training.losses import (
     LossParams,
     SeqLogps,
 )
+from solopo.training.model_card import hf_trainer_files
 
 log = logging.getLogger("solopo")
 
@@ -150,7 +151,7 @@ def peak_memory_gb(device: torch.device) -> float:
 class PlainBackend:
     def __init__(self, module, optimizer, scheduler, cfg):
         self.module, self.optimizer, self.scheduler, self.cfg = module, optimizer, scheduler, cfg
-        self.grad_norm = 0.0
+        self.grad_norm: torch.Tensor | float = 0.0  # of the last step; a device tensor until the step's check
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -162,13 +163,17 @@ class PlainBackend:
         if not boundary:
             return
         _average_grads_across_ranks(self.module)
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm))
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def local_params(self) -> list[torch.Tensor]:
+        """The parameter values this rank holds (all of them without ZeRO-3)."""
+        return [p.detach() for p in self.module.parameters()]
 
     def save_checkpoint(self, path: Path, state: dict) -> None:
         tmp = path.with_name(path.name + ".tmp")
@@ -187,7 +192,8 @@ class PlainBackend:
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Path) -> dict:
-        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        # Plain tensors, numbers and strings only: no pickled code runs when a checkpoint is read.
+        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         self.module.lm.load_state_dict(blob.pop("model"))
         self.optimizer.load_state_dict(blob.pop("optimizer"))
         self.scheduler.load_state_dict(blob.pop("scheduler"))
@@ -237,10 +243,14 @@ class DeepSpeedBackend(PlainBackend):
         self.engine.step()  # DeepSpeed counts micro-batches and updates at the accumulation boundary
         if boundary:
             gn = self.engine.get_global_grad_norm()
-            self.grad_norm = float(gn) if gn is not None else float("nan")
+            self.grad_norm = gn  # None when DeepSpeed did not compute one: the weights' check still runs
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def local_params(self) -> list[torch.Tensor]:
+        # ZeRO-3 keeps only this rank's partition of each parameter in `ds_tensor`.
+        return [getattr(p, "ds_tensor", p).detach() for p in self.module.parameters()]
 
     def save_checkpoint(self, path: Path, state: dict) -> None:
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=state)
@@ -321,6 +331,75 @@ def micro_batch_logps(
         long_w = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])[0]
         tokens += sum(len(s) for s in longs)
     return Batch(chosen=chosen, rejected=rejected, long_w=long_w, nll_w=nll_w), tokens
+
+
+# --- numerical health: one device-side reduction per optimizer step ----------------------------------------------
+def step_health(
+    grad_norm: torch.Tensor | float | None,
+    params: list[torch.Tensor],
+    losses: list[torch.Tensor],
+    device: torch.device,
+) -> tuple[float | None, list[str]]:
+    """After an optimizer step: (grad norm, what is non-finite among "gradients", "parameters", "loss").
+
+    The gradients are judged by their global norm, the updated parameters by max |p| (NaN propagates, inf stays
+    inf, and unlike a 2-norm no finite value overflows), the loss by the step's per-example losses (b,) each.
+    Everything is reduced on the device and crosses to the host once per step (never per micro-batch); the flags
+    are max-reduced across ranks so that every rank takes the same branch."""
+    on = device if device.type == "cuda" else torch.device("cpu")  # nccl reduces CUDA tensors, gloo CPU ones
+    gn = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=on).float().reshape(())
+    params = [t for t in params if t.numel() > 0]  # a ZeRO-3 partition can be empty
+    pmax = (
+        torch.stack([n.to(on).float() for n in torch._foreach_norm(params, float("inf"))]).max()
+        if params
+        else torch.zeros((), device=on)
+    )
+    loss_ok = torch.isfinite(torch.cat(losses).float()).all() if losses else torch.ones((), device=on, dtype=torch.bool)
+    bad = torch.stack([~torch.isfinite(gn), ~torch.isfinite(pmax), ~loss_ok.to(on)]).float()  # (3,)
+    vals = torch.cat([gn.reshape(1), _all_reduce(bad, "max")]).tolist()  # the one host sync of the check
+    names = [k for k, flag in zip(("gradients", "parameters", "loss"), vals[1:], strict=True) if flag]
+    return (None if grad_norm is None else vals[0]), names
+
+
+def nonfinite_error(what: list[str], step: int, ids: list[str], losses: list[torch.Tensor], cfg, rank: int):
+    """The error for a step that went non-finite (rare path: host syncs are fine here)."""
+    finite = torch.isfinite(torch.cat(losses).float()).cpu().tolist() if losses else []
+    bad_loss = [i for i, ok in zip(ids, finite, strict=False) if not ok]
+    where = f" on rank {rank}" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    return TrainingError(
+        f"non-finite {' and '.join(what)} at optimizer step {step}{where}, examples {ids}"
+        + (f" (non-finite loss for {bad_loss})" if bad_loss else "")
+        + f". No checkpoint or model was written from it. Lower train.lr (now {cfg.lr:g}) or train.max_grad_norm "
+        f"(now {cfg.max_grad_norm:g}), use train.dtype=fp32, or check these examples"
+    )
+
+
+def check_state_finite(state_dict: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Before the model is written: every floating tensor finite (rank 0 holds the gathered weights; all ranks
+    raise together)."""
+    bad = [k for k, v in (state_dict or {}).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    on = device if device.type == "cuda" else torch.device("cpu")
+    if _all_reduce(torch.tensor([float(bool(bad))], device=on), "max").item():
+        raise TrainingError(
+            f"the trained weights hold non-finite values ({len(bad)} tensors, e.g. {bad[:3]}): the model was not "
+            "saved. Lower train.lr or train.max_grad_norm, or use train.dtype=fp32"
+        )
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Dropout off everywhere (TRL's disable_dropout=True): the DPO reference log-probs are computed in eval mode,
+    so a policy with dropout would not equal its reference at step 1. TRL zeroes nn.Dropout modules; HF attention
+    dropout is a float attribute read in forward (LlamaAttention.attention_dropout), so zero those too.
+    Returns how many were on."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout) and mod.p > 0:
+            mod.p, n = 0.0, n + 1
+        for name, v in list(vars(mod).items()):
+            if "dropout" in name and isinstance(v, float) and v > 0:
+                setattr(mod, name, 0.0)
+                n += 1
+    return n
 
 
 # --- DPO reference log-probs: computed once before training, cached with the data ---------------------------------
@@ -438,6 +517,13 @@ def train(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
     lm.config.use_cache = False
+    if cfg.disable_dropout:
+        if disable_dropout(lm):
+            note("dropout disabled in the policy (train.disable_dropout=true, as TRL)")
+    elif any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in lm.modules()) or any(
+        v > 0 for k, v in lm.config.to_dict().items() if "dropout" in k and isinstance(v, float)
+    ):
+        note("dropout stays on in the policy (train.disable_dropout=false): DPO's step-1 loss is not log 2")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
@@ -523,6 +609,11 @@ def train(
             if rank == 0:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
 
+    if rank == 0:
+        # A fresh run starts a fresh log; a resumed one continues the checkpoint's (rows after it are redone).
+        logged = [r for r in state.history if r["step"] % cfg.logging_steps == 0]
+        write_text("".join(json.dumps(r) + "\n" for r in logged), model_dir / "logs.jsonl")
+
     # -- loop
     objective = OBJECTIVES[cfg.algo]
     writer = _make_writer(cfg, model_dir, rank)
@@ -534,6 +625,7 @@ def train(
     module.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    t_loop, start_step = time.time(), state.step
     try:
         while state.step < total_steps:
             epoch, in_epoch = divmod(state.step, steps_per_epoch)
@@ -542,6 +634,8 @@ def train(
             step_idx = batches[in_epoch][rank * per_step : (rank + 1) * per_step]
             t0 = time.time()
             agg = _Agg()
+            step_ids: list[str] = []
+            step_losses: list[torch.Tensor] = []  # (b,) per micro-batch, checked once after the step
             for m in range(cfg.grad_accum):
                 idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
                 chunk = [examples[i] for i in idx]
@@ -552,18 +646,18 @@ def train(
                     _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
                 out = objective(batch, params)
                 loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {state.step + 1}, micro-batch {m + 1}/{cfg.grad_accum}, "
-                        f"examples {[e.id for e in chunk]}: lower train.lr or train.max_grad_norm, use dtype=fp32, or check "
-                        "these examples"
-                    )
+                step_ids += [e.id for e in chunk]
+                step_losses.append(out.loss.detach())
                 backend.backward(loss)
                 backend.micro_done(boundary=m == cfg.grad_accum - 1)
                 agg.add(out, tokens)
             state.step += 1
+            # Gradients, updated weights and losses finite, or stop here: no checkpoint, no model, no _SUCCESS.
+            grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), step_losses, device)
+            if nonfinite:
+                raise nonfinite_error(nonfinite, state.step, step_ids, step_losses, cfg, rank)
             row = agg.finish(time.time() - t0, device, world)
-            row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=backend.grad_norm)
+            row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
             state.history.append(row)
             if rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == total_steps):
                 _log_row(row, model_dir, writer)
@@ -591,10 +685,24 @@ def train(
         if writer is not None:
             writer.close()
 
-    # -- save the final model in HF format
+    # -- save the final model in HF format, in the training dtype unless train.save_dtype=fp32
+    loop_seconds = time.time() - t_loop
     sd = backend.full_state_dict()
+    check_state_finite(sd if rank == 0 else None, device)
     if rank == 0:
-        _save_model(lm, tokenizer, sd, model_dir)
+        save_dtype = torch.float32 if cfg.save_dtype == "fp32" else dtype
+        hf_files = hf_trainer_files(
+            state.history[start_step:],
+            state.history,
+            cfg,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            examples=len(examples),
+            seconds=loop_seconds,
+            n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in lm.named_parameters() if "embed" not in n),
+            world=world,
+        )
+        _save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files)
         if cfg.save_steps > 0:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         _plot(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
@@ -637,6 +745,7 @@ def train(
         "world_size": world,
         "attn": attn,
         "dtype": str(dtype).removeprefix("torch."),
+        "save_dtype": "float32" if cfg.save_dtype == "fp32" else str(dtype).removeprefix("torch."),
         "deepspeed": cfg.deepspeed,
         "notes": notes,
         "drops": drops_out,
@@ -776,11 +885,26 @@ def _latest_checkpoint(ckpt_dir: Path, run_key: str) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _save_model(lm, tokenizer, state_dict, model_dir: Path) -> None:
+def _save_model(
+    lm, tokenizer, state_dict, model_dir: Path, dtype: torch.dtype, extra_json: dict[str, dict] | None = None
+) -> None:
     tmp = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    state_dict = dict(lm.state_dict() if state_dict is None else state_dict)
+    # Tied tensors (embeddings = LM head) stay one tensor: cast each distinct storage once.
+    cast: dict[tuple, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        if v.is_floating_point() and v.dtype != dtype:
+            key = (v.data_ptr(), v.shape, v.stride())
+            cast[key] = cast[key] if key in cast else v.to(dtype)
+            state_dict[k] = cast[key]
     lm.save_pretrained(tmp, state_dict=state_dict)
+    config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained states the model's dtype, not the saved one
+    write_json(config, tmp / "config.json")
     tokenizer.save_pretrained(tmp)
+    for name, obj in (extra_json or {}).items():
+        write_json(obj, tmp / name)
     for extra in ("logs.jsonl",):
         if (model_dir / extra).exists():
             shutil.copy2(model_dir / extra, tmp / extra)

@@ -1,0 +1,269 @@
+"""A trained model dir's Hugging Face metadata: the README.md model card, and trainer_state.json /
+train_results.json / all_results.json with HF Trainer's file names and keys, so that hub tooling, TRL users and
+scripts that read Trainer outputs find what they expect.
+
+`add_eval_results` is for the eval stage: it adds (or replaces) an evaluation table in an existing card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from solopo.pipeline.io import write_text
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default model's hub id (Apache-2.0)
+_EVAL_START, _EVAL_END = "<!-- solopo:eval:start -->", "<!-- solopo:eval:end -->"
+
+# solopo's per-step log keys -> the names HF Trainer / TRL's DPOTrainer use in log_history
+_HF_LOG_NAMES = {
+    "lr": "learning_rate",
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+    "reward_acc": "rewards/accuracies",
+    "tokens": "num_tokens",
+}
+
+
+def hf_log_row(row: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
+    """One training log row in HF's names (loss, grad_norm, learning_rate, rewards/*, epoch as a fraction, step)."""
+    out = {_HF_LOG_NAMES.get(k, k): v for k, v in row.items()}
+    out["rewards/margins"] = row["reward_chosen"] - row["reward_rejected"]
+    out["epoch"] = row["step"] / steps_per_epoch
+    return out
+
+
+def hf_trainer_files(
+    session: list[dict[str, Any]],
+    history: list[dict[str, Any]],
+    cfg,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    examples: int,
+    seconds: float,
+    n_params: int,
+    world: int,
+) -> dict[str, dict[str, Any]]:
+    """{file name: content} for trainer_state.json, train_results.json and all_results.json.
+
+    `history` holds every step's row (resumed runs included), `session` the steps this process ran (what
+    train_runtime and the per-second rates cover, as in HF). total_flos is HF's estimate 6 * non-embedding
+    parameters * tokens."""
+    from transformers import TrainerState
+
+    steps = history[-1]["step"] if history else 0
+    epoch = steps / steps_per_epoch
+    tokens = sum(int(r["tokens"]) for r in history)
+    flos = float(6 * n_params * tokens)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    metrics = {
+        "epoch": epoch,
+        "total_flos": flos,
+        "train_loss": sum(r["loss"] for r in history) / max(1, len(history)),
+        "train_runtime": round(seconds, 4),
+        "train_samples": examples,
+        "train_samples_per_second": round(len(session) * global_batch / max(seconds, 1e-9), 3),
+        "train_steps_per_second": round(len(session) / max(seconds, 1e-9), 3),
+    }
+    last = history[-1] if history else {}
+    for k in ("po_loss", "ra_loss", "reward_acc", "ra_distance"):
+        if k in last:
+            metrics[f"train_{k}"] = last[k]  # the final step's, solopo-specific
+    logged = [hf_log_row(r, steps_per_epoch) for r in history if r["step"] % cfg.logging_steps == 0 or r is last]
+    summary = {k: metrics[k] for k in ("train_runtime", "train_samples_per_second", "train_steps_per_second")}
+    summary.update(total_flos=flos, train_loss=metrics["train_loss"], epoch=epoch, step=steps)
+    state = TrainerState(
+        epoch=epoch,
+        global_step=steps,
+        max_steps=total_steps,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        train_batch_size=cfg.micro_batch_size,
+        num_train_epochs=math.ceil(total_steps / steps_per_epoch),
+        num_input_tokens_seen=tokens,
+        total_flos=flos,
+        log_history=[*logged, summary],
+        is_local_process_zero=True,
+        is_world_process_zero=True,
+    )
+    return {
+        "trainer_state.json": dataclasses.asdict(state),
+        "train_results.json": metrics,
+        "all_results.json": metrics,
+    }
+
+
+def base_model_id(model: str | None, resolved: str) -> str:
+    """What the card names as base_model: a hub id, never a machine path (the embedded default -> its hub id, a
+    snapshot in the HF cache (.../models--Org--Name/snapshots/<rev>) -> Org/Name, another local dir -> its name)."""
+    from solopo.models import EMBEDDED_NAME
+
+    if model is None or model in ("embedded", EMBEDDED_NAME):
+        return EMBEDDED_HUB_ID
+    p = Path(resolved)
+    if not p.is_dir():
+        return model  # a hub id as given
+    for part in p.parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    return p.name
+
+
+def _read_card_data(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard(path.read_text()).data.to_dict()
+    except Exception:  # a README without YAML metadata is no card
+        return {}
+
+
+def base_model_license(model: str | None, resolved: str) -> str | None:
+    """The base model's licence when known: the embedded SmolLM2 is Apache-2.0; a local checkpoint's own card."""
+    from solopo.models import EMBEDDED_NAME
+
+    if model is None or model in ("embedded", EMBEDDED_NAME):
+        return "apache-2.0"
+    lic = _read_card_data(Path(resolved) / "README.md").get("license") if Path(resolved).is_dir() else None
+    return lic if isinstance(lic, str) else None
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    model_dir: str | Path,
+    *,
+    base_model: str,
+    result: dict[str, Any],
+    train_config: dict[str, Any],
+    datasets: list[str],
+    license: str | None = None,
+) -> Path:
+    """Write model_dir/README.md in the standard HF model-card format (YAML metadata + markdown body).
+
+    `result` is what training returned (algo, mode, alpha, beta, steps, examples, target_len, dtype, final)."""
+    import huggingface_hub
+    import torch
+    import transformers
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import solopo
+
+    algo, mode = result["algo"], result["mode"]
+    name = Path(model_dir).name
+    on_hub = "/" in base_model  # a local checkpoint's name is no hub id: named in the text, not in the metadata
+    data = ModelCardData(
+        base_model=base_model if on_hub else None,
+        datasets=datasets or None,
+        library_name="transformers",
+        license=license,
+        model_name=name,
+        pipeline_tag="text-generation",
+        tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"],
+    )
+    setting = {
+        "algorithm": algo,
+        "mode": mode,
+        "alpha (SoLo-RA weight)": result["alpha"],
+        "beta": result["beta"],
+        **({"orpo_lambda": train_config.get("orpo_lambda")} if algo == "orpo" else {}),
+        **({"gamma (SimPO margin)": train_config.get("gamma")} if algo == "simpo" else {}),
+        "optimizer steps": result["steps"],
+        "training examples": result["examples"],
+        "long context length (tokens)": result.get("target_len"),
+        "learning rate": train_config.get("lr"),
+        "batch (micro x accum x ranks)": f"{train_config.get('micro_batch_size')} x {train_config.get('grad_accum')}"
+        f" x {result.get('world_size', 1)}",
+        "training dtype": result.get("dtype"),
+        "saved dtype": result.get("save_dtype", result.get("dtype")),
+    }
+    final = result.get("final", {})
+    body = f"""
+# {name}
+
+This model is {f"[{base_model}](https://huggingface.co/{base_model})" if on_hub else f"`{base_model}`"} trained with
+[SoLoPO](https://arxiv.org/abs/2505.11166) (Short-to-Long Preference Optimization) by `solopo`:
+{algo.upper()} in `{mode}` mode{" with the SoLo-RA reward-alignment term" if mode == "solo" else ""}.
+
+## Training
+
+| setting | value |
+|---|---|
+{chr(10).join(f"| {k} | {'' if v is None else v} |" for k, v in setting.items())}
+
+Data: {result["examples"]} preference triplets (short prompt, long prompt, chosen, rejected)
+{"from " + ", ".join(datasets) if datasets else ""}.
+
+## Final training metrics
+
+{_table([{"metric": k, "value": v} for k, v in final.items()]) if final else "No step was run."}
+
+Per-step logs: `trainer_state.json` (HF Trainer's `log_history`), `logs.jsonl`, `training_curves.png`;
+summary: `all_results.json`.
+
+{_EVAL_START}
+{_EVAL_END}
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{name}")  # this directory, or its hub id once pushed
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+
+## Framework versions
+
+- solopo {solopo.__version__}
+- Transformers {transformers.__version__}
+- PyTorch {torch.__version__}
+- huggingface_hub {huggingface_hub.__version__}
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = Path(model_dir) / "README.md"
+    write_text(str(card), path)
+    return path
+
+
+def add_eval_results(
+    model_dir: str | Path,
+    rows: list[dict[str, Any]],
+    *,
+    title: str = "Evaluation",
+    notes: str = "",
+) -> Path:
+    """Add (or replace) the evaluation section of model_dir/README.md: a markdown table of `rows` (one dict per
+    row; columns in first-seen key order; floats shown with 4 significant digits) under `## {title}`, followed by
+    `notes` (units, settings). Idempotent: a second call replaces the first call's section. The card must exist
+    (written by the train stage); returns its path."""
+    from huggingface_hub import ModelCard
+
+    from solopo.pipeline.errors import SolopoError
+
+    path = Path(model_dir) / "README.md"
+    if not path.exists():
+        raise SolopoError(f"{path}: no model card to add eval results to (train writes it; rerun `solopo train`)")
+    text = path.read_text()
+    section = f"{_EVAL_START}\n## {title}\n\n{_table(rows) if rows else 'No evaluation rows.'}\n"
+    section += (f"\n{notes.strip()}\n" if notes.strip() else "") + _EVAL_END
+    pattern = re.compile(re.escape(_EVAL_START) + r".*?" + re.escape(_EVAL_END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:  # a card written by something else: append
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    ModelCard(text)  # still a valid card
+    write_text(text, path)
+    return path
