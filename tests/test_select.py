@@ -315,6 +315,12 @@ def test_cli_pair_with_zero_pairs_exits_2(tmp_path, tiny_model_dir):
     assert m["config"]["match"] == "word" and m["stats"]["match_rule"] == "word"
     assert not (rd / "select" / "no_pairs.json").exists()  # stale details of the failed run are gone
 
+    # train on the empty result: rc 2, pointing at select's drops (not at an empty list of its own drops).
+    sets = ["--set", "sample.backend=transformers", "--set", "sample.n=2", "--set", "synth.target_len=1536"]
+    tr = CliRunner().invoke(app, ["train", *args[1:5], *args[11:], *sets, "--set", "select.allow_empty=true"])
+    assert tr.exit_code == 2, tr.output
+    assert "0 pairs" in tr.output and "select's drops by reason: {'no_valid_samples': 3}" in tr.output
+
 
 def test_tie_guard_raises_if_a_tie_reaches_the_output(tmp_path, monkeypatch):
     """distilabel's trap: equal scores must never become chosen == rejected. choose_pairs never forms such a
