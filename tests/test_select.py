@@ -314,6 +314,7 @@ def test_cli_pair_with_zero_pairs_exits_2(tmp_path, tiny_model_dir):
     assert m["rows_out"] == 0 and m["drops"] == {"no_valid_samples": 3}
     assert m["config"]["match"] == "word" and m["stats"]["match_rule"] == "word"
     assert not (rd / "select" / "no_pairs.json").exists()  # stale details of the failed run are gone
+    assert "select.match=word" in (rd / "export" / "README.md").read_text()  # the data card names the rule
 
     # train on the empty result: rc 2, pointing at select's drops (not at an empty list of its own drops).
     sets = ["--set", "sample.backend=transformers", "--set", "sample.n=2", "--set", "synth.target_len=1536"]
