@@ -13,8 +13,8 @@ answer) or "substring" (the paper's raw rule; short aliases like "N" or "US" the
 
 Questions whose valid samples are all correct or all wrong yield no pair (drops: all_correct, all_wrong,
 no_valid_samples). Identical texts are never paired. Zero pairs in total is an error (NoPairsError, with
-the drops by reason and what to try) unless `allow_empty: true`. With `pairs_per_question: k`, up to k distinct pairs
-are taken, preferring pairs that reuse neither side.
+the drops by reason and what to try) unless `allow_empty: true`. With `pairs_per_question: k`, up to k
+distinct pairs are taken, preferring pairs that reuse neither side.
 
 With long samples (sample.on=both) the same rules pick one long pair per target_len and pair index,
 stored in `long_pairs` (a question with no short pair is dropped whatever its long samples).
