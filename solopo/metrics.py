@@ -1,7 +1,13 @@
 """Answer extraction, normalization and sub-EM, shared by the select and eval stages.
 
-sub-EM (as in the SoLoPO paper): lowercase, strip punctuation and articles (a/an/the), collapse whitespace;
-a prediction is correct when a normalized gold answer or alias is a substring of the normalized prediction.
+sub-EM: lowercase, strip accents, punctuation and articles (a/an/the), collapse whitespace; then
+
+- match="word" (default): a normalized gold answer or alias counts when its token sequence occurs as whole
+  tokens in the normalized prediction. "4 albums" matches gold "4", "No, he did not" matches "no", but
+  "Eastern" does not match alias "N", "I do not know" not "no", "Russia" not "US".
+- match="substring": the SoLoPO paper's raw rule, `normalize(gold) in normalize(prediction)`, kept for exact
+  reproduction. MuSiQue's short aliases (N, no, IT, US, 4) then match inside unrelated words.
+
 The prediction is the final answer extracted from the chain of thought, not the whole generation: matching
 the whole CoT would reward answers that merely mention the gold entity while reasoning.
 """
@@ -13,6 +19,7 @@ import string
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 from solopo.prompts import FINAL_ANSWER_PREFIX
 
@@ -21,6 +28,13 @@ _WRAPPERS = "*_`\"'“”‘’ \t"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
 _WORD = re.compile(r"\w+|[^\w\s]")
+# Characters that join words ("Saint-Étienne", "AC/DC", "Hell's"): the word rule tries them both as
+# nothing (SQuAD's removal: "saintetienne") and as a space ("saint etienne"), so that "Saint Etienne" and
+# "Coca-Cola" vs "Coca Cola" match while dots and commas stay joined ("U.S." == "US", "1,000" == "1000").
+_JOINERS = re.compile(r"[-‐‑‒–—/'’‘]")
+
+MatchRule = Literal["word", "substring"]
+MATCH_RULES: tuple[str, ...] = get_args(MatchRule)
 
 # Fallbacks, tried in order when the fixed final line is missing. Each captures the rest of its line.
 _FALLBACKS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -79,19 +93,34 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def sub_em(prediction: str | None, golds: str | Iterable[str]) -> bool:
-    """True when a normalized gold answer or alias is a substring of the normalized prediction.
+def _token_views(s: str) -> set[tuple[str, ...]]:
+    """The normalized tokens of `s`, with word joiners removed and with them as spaces (one view if equal)."""
+    return {tuple(normalize_answer(s).split()), tuple(normalize_answer(_JOINERS.sub(" ", s)).split())}
 
+
+def _contains_tokens(hay: tuple[str, ...], needle: tuple[str, ...]) -> bool:
+    n = len(needle)
+    return any(hay[i : i + n] == needle for i in range(len(hay) - n + 1))
+
+
+def sub_em(prediction: str | None, golds: str | Iterable[str], match: MatchRule = "word") -> bool:
+    """True when a normalized gold answer or alias occurs in the normalized prediction.
+
+    match="word": as a whole-token sequence (default); match="substring": as a raw substring (the paper's rule).
     Golds that normalize to the empty string (e.g. "The") are ignored, so they cannot match everything.
     """
+    if match not in MATCH_RULES:
+        raise ValueError(f"sub_em: unknown match rule {match!r}; use one of {', '.join(MATCH_RULES)}")
     if prediction is None:
         return False
     if isinstance(golds, str):
         golds = [golds]
-    pred = normalize_answer(prediction)
-    if not pred:
-        return False
-    return any(g and g in pred for g in (normalize_answer(x) for x in golds if x is not None))
+    golds = [g for g in golds if g is not None]
+    if match == "substring":
+        pred = normalize_answer(prediction)
+        return bool(pred) and any(g and g in pred for g in map(normalize_answer, golds))
+    preds = [v for v in _token_views(prediction) if v]
+    return any(g and _contains_tokens(p, g) for gold in golds for g in _token_views(gold) for p in preds)
 
 
 def distinct_ngram_ratio(text: str, n: int = 4) -> tuple[float, int]:
@@ -111,6 +140,8 @@ def is_repetitive(text: str, n: int = 4, min_distinct: float = 0.5, min_ngrams: 
 
 
 __all__ = [
+    "MATCH_RULES",
+    "MatchRule",
     "distinct_ngram_ratio",
     "extract_final_answer",
     "extract_final_answer_with_source",

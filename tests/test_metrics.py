@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from solopo.metrics import (
+    MATCH_RULES,
     distinct_ngram_ratio,
     extract_final_answer,
     extract_final_answer_with_source,
@@ -90,6 +91,61 @@ def test_sub_em_edge_cases():
     # a gold that normalizes to nothing must not match everything
     assert not sub_em("anything", ["The", "a"])
     assert sub_em("1963", ["1963"]) and not sub_em("1962", ["1963"])
+
+
+# (prediction, golds, word rule, substring rule): the cases first, then alias/article/punctuation edges.
+SUB_EM_CASES = [
+    # short aliases inside other words: the paper's substring rule says True, the word rule does not
+    ("Eastern", ["north", "North", "N"], False, True),
+    ("I do not know", ["Norway", "NO", "no"], False, True),
+    ("United Kingdom", ["Italy", "IT"], False, True),
+    ("Russia", ["United States", "US"], False, True),
+    ("40", ["4"], False, True),
+    ("N.Y.", ["N"], False, True),  # dots join ("ny"): no stray "n" token
+    # whole-token matches both rules accept
+    ("The answer is: 4 albums", ["4"], True, True),
+    ("4 albums", ["4"], True, True),
+    ("No, he did not", ["no"], True, True),
+    ("U.S.", ["US"], True, True),
+    ("US", ["U.S."], True, True),
+    ("The Beatles", ["Beatles"], True, True),
+    ("Beatles", ["The Beatles"], True, True),
+    ("1,000", ["1000"], True, True),
+    ("1000 people", ["1,000"], True, True),
+    ("Pelé", ["Pele"], True, True),
+    ("Saint-Étienne", ["Saint Etienne"], True, False),  # hyphen as a space: word rule only
+    ("Coca Cola", ["Coca-Cola"], True, False),
+    ("Coca-Cola", ["CocaCola"], True, True),  # hyphen removed: both
+    ("AC/DC", ["AC DC"], True, False),
+    ("G. Stanley Hall's theory", ["G. Stanley Hall"], True, True),  # possessive
+    ("Hells Kitchen", ["Hell's Kitchen"], True, True),
+    # neither rule: gold longer than the prediction, or a different number
+    ("1990", ["1990-91"], False, False),
+    ("1962", ["1963"], False, False),
+    ("Lennon", ["John Lennon"], False, False),
+]
+
+
+@pytest.mark.parametrize("pred, golds, word, substring", SUB_EM_CASES)
+def test_sub_em_rules_hand_cases(pred, golds, word, substring):
+    assert sub_em(pred, golds) is word  # the default is the word rule
+    assert sub_em(pred, golds, match="word") is word
+    assert sub_em(pred, golds, match="substring") is substring
+
+
+@pytest.mark.parametrize("match", MATCH_RULES)
+def test_sub_em_guards_both_rules(match):
+    assert MATCH_RULES == ("word", "substring")
+    assert not sub_em(None, ["Paris"], match=match)
+    assert not sub_em("", ["Paris"], match=match)
+    assert not sub_em("...", ["Paris"], match=match)
+    assert not sub_em("anything", ["The", "a", "-", None], match=match)  # empty golds never match
+    assert sub_em("the Eiffel Tower.", "Eiffel tower", match=match)
+
+
+def test_sub_em_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="unknown match rule 'exact'"):
+        sub_em("Paris", ["Paris"], match="exact")
 
 
 def test_repetition():

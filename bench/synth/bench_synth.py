@@ -1,287 +1,408 @@
-"""Benchmark: solopo's cached-count context builder vs RULER's grow-by-10-and-re-tokenize loop.
+"""Benchmark: solopo's synth context builder vs RULER's real QA builder (bench/synth/ruler_qa.py), 4K-32K.
 
-    python3 bench/synth/bench_synth.py            # ~5 minutes on 2 CPU cores
-    python3 bench/synth/bench_synth.py --quick    # a smoke run (small pools, few RULER questions)
+    python3 bench/synth/bench_synth.py                   # the first 60 shipped MuSiQue questions, 4K-32K
+    python3 bench/synth/bench_synth.py --questions 299   # every shipped question (train + dev samples)
+    python3 bench/synth/bench_synth.py --quick           # a smoke run: 20 questions, 4K and 8K
 
-Both builders run in this one process on the same machine with the same tokenizer (the embedded
-SmolLM2-135M-Instruct's) and count tokens the same way (chat template + generation prompt). Pools:
-  * shipped: every shipped MuSiQue record (train + dev samples, 299 questions);
-  * 20k: a 20,000-question pool simulated from them (records duplicated under new ids).
-solopo builds 4K/8K/16K/32K for every question of a pool in one call per chunk of questions. RULER
-costs about one second per question at these four lengths here, so it runs on a fixed subsample of
-each pool (the first N questions, same for every length) and its contexts/s is measured on that.
-A third line times tokenizing 400K paragraph strings, the distinct-paragraph count of the real
-19.9K-question train set, which the duplicated pool (few distinct paragraphs) does not exercise.
+One run, one machine, the same questions, tokenizer (the embedded SmolLM2-135M-Instruct's) and chat-rendered
+prompt counting for both. It measures, in this order:
 
-Writes results.json, results.md and lengths.png next to this file.
+  1. end-to-end: `solopo synth --target-len 4k,8k,16k,32k` as one process vs RULER as it is run, one
+     `ruler_qa.py` process per length; wall time including process start, imports, tokenizer and data loading.
+  2. builder-only, in this process: ContextBuilder.build (pool tokenization and its 64-prompt verification
+     included) vs RulerQA.generate_samples per length.
+  3. quality of the builder-only outputs (the end-to-end outputs are checked to be the same prompts): every
+     prompt re-tokenized in full; % inside the 2% window [ceil(0.98 T), T]; mean/min tokens as % of T;
+     prompts with an answer string (whole words, as solopo's filter tests it) in a non-gold document;
+     where the gold documents sit (depth = position / (n_docs - 1)).
+
+The load average is recorded before and after each timed part (the machine is shared).
+Writes results.json, results.md and synth.png next to this file.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import platform
-import random
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from solopo.datasets import QARecord, load_records  # noqa: E402
-from solopo.prompts import DOC_SEPARATOR  # noqa: E402
+from ruler_qa import RulerInfiniteLoop, chat_counter, from_musique, read_musique, ruler_template  # noqa: E402
+
+from solopo.datasets import contains_answer, load_records, match_key  # noqa: E402
+from solopo.datasets.base import DATA_DIR  # noqa: E402
+from solopo.prompts import PROMPT_TEMPLATE  # noqa: E402
 from solopo.stages.synth import ContextBuilder, SynthConfig, TokenCounter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = [4096, 8192, 16384, 32768]
+SHIPPED = ["musique_ans_train_sample.jsonl", "musique_ans_dev_sample.jsonl"]
+# solopo's documents: "Document {i} (Title: {title}): {text}" joined by a blank line.
+_SOLOPO_DOC = re.compile(r"\n\n(?=Document \d+ \(Title: )")
+_SOLOPO_PARTS = re.compile(r"Document \d+ \(Title: (.*?)\): (.*)", re.DOTALL)
+_PREFIX, _SUFFIX = PROMPT_TEMPLATE.split("{documents}")
 
 
-# --- RULER, re-implemented faithfully -----------------------------------------------------------------
-def ruler_build(rec: QARecord, pool: list[tuple[str, str]], counter: TokenCounter, cfg: SynthConfig,
-                target: int, seed: int, step: int = 10) -> tuple[int, int, int]:
-    """RULER QA (scripts/data/synthetic/qa.py): the gold documents plus documents of other questions,
-    shuffled, rendered, the whole prompt re-tokenized; the document count grows by `step` until the
-    prompt no longer fits, then falls back one step. Returns (tokens, n_docs, tokenizer calls)."""
-    rng = random.Random(seed)
-    gold = [(p.title, p.text) for p in rec.supporting]
-    own = {(p.title, p.text) for p in rec.paragraphs}
-    order = rng.sample(range(len(pool)), len(pool))
-    others = [pool[j] for j in order if pool[j] not in own]
-
-    def length(n: int) -> int:
-        docs = gold + others[: max(0, n - len(gold))]
-        random.Random(seed).shuffle(docs)
-        body = DOC_SEPARATOR.join(cfg.doc_template.format(i=i + 1, title=t, text=x) for i, (t, x) in enumerate(docs))
-        return int(counter.count_chat([cfg.prompt_template.format(documents=body, question=rec.question)])[0])
-
-    n, best, calls = step, None, 0
-    while True:
-        tokens = length(n)
-        calls += 1
-        if tokens > target:
-            break
-        best = (tokens, n)
-        if n - len(gold) >= len(others):
-            break
-        n += step
-    if best is None:  # even `step` documents overflow: RULER then goes below one step, gold only
-        best = (length(len(gold)), len(gold))
-        calls += 1
-    return best[0], best[1], calls
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_ruler(records: list[QARecord], pool_records: list[QARecord], counter: TokenCounter, cfg: SynthConfig,
-              seed: int) -> dict:
-    from tqdm.auto import tqdm
+def timed_process(cmd: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return secs
 
-    pool = sorted({(p.title, p.text) for r in pool_records for p in r.paragraphs})
-    out = {}
-    for target in TARGETS:
-        t0 = time.perf_counter()
-        lens, calls = [], 0
-        for i, rec in enumerate(tqdm(records, desc=f"RULER {target}", leave=False)):
-            tokens, _, c = ruler_build(rec, pool, counter, cfg, target, seed + i)
-            lens.append(tokens)
-            calls += c
-        secs = time.perf_counter() - t0
-        out[target] = {"seconds": secs, "contexts": len(records), "lengths": lens, "tokenizer_calls": calls}
+
+# --- 1. end-to-end -------------------------------------------------------------------------------------
+def end_to_end(data: Path, targets: list[int], work: Path, tokenizer_dir: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out: dict[str, Any] = {"load_before": loadavg()}
+    spec = ",".join(str(t) for t in targets)
+    run_dir = work / "solopo-run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "solopo.cli",
+        "synth",
+        "--data",
+        str(data),
+        "--target-len",
+        spec,
+        "--run-dir",
+        str(run_dir),
+        "--log-level",
+        "warning",
+    ]
+    out["solopo_seconds"] = round(timed_process(cmd, env), 2)
+    out["solopo_command"] = "solopo synth --data <shipped> --target-len " + spec
+    out["load_between"] = loadavg()
+    per = {}
+    for t in targets:
+        cmd = [
+            sys.executable,
+            str(HERE / "ruler_qa.py"),
+            "--data",
+            str(data),
+            "--max-seq-length",
+            str(t),
+            "--tokenizer",
+            tokenizer_dir,
+            "--template",
+            ruler_template(PROMPT_TEMPLATE),
+            "--out",
+            str(work / f"ruler-{t}.jsonl"),
+        ]
+        per[t] = round(timed_process(cmd, env), 2)
+    out["ruler_seconds_per_length"] = per
+    out["ruler_seconds"] = round(sum(per.values()), 2)
+    out["load_after"] = loadavg()
+    out["ratio"] = round(out["ruler_seconds"] / out["solopo_seconds"], 2)
     return out
 
 
-# --- solopo --------------------------------------------------------------------------------------------
-def run_solopo(records: list[QARecord], tokenizer, cfg: SynthConfig, seed: int, chunk: int) -> dict:
-    """Every question at every target; chunks keep memory bounded (the stage shards the same way)."""
-    stats: dict = {}
+# --- 2. builder-only -----------------------------------------------------------------------------------
+def solopo_builder(records, tok, cfg: SynthConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    stats: dict[str, Any] = {}
 
     def stat(k, v, how="set"):
         stats[k] = max(stats.get(k, v), v) if how == "max" else (stats.get(k, 0) + v if how == "sum" else v)
 
+    load0 = loadavg()
     t0 = time.perf_counter()
-    builder = ContextBuilder(tokenizer, cfg, seed=seed, pool=records)
-    t_pool = time.perf_counter() - t0
-    lengths: dict[int, list[int]] = {t: [] for t in TARGETS}
-    n_docs: dict[int, list[int]] = {t: [] for t in TARGETS}
-    rho: dict[int, list[float]] = {t: [] for t in TARGETS}
-    for s in range(0, len(records), chunk):
-        table = builder.build(records[s : s + chunk], stat=stat)
-        tl = table.column("target_len").to_numpy()
-        for t in TARGETS:
-            m = tl == t
-            lengths[t].extend(table.column("long_tokens").to_numpy()[m].tolist())
-            n_docs[t].extend(table.column("n_docs").to_numpy()[m].tolist())
-            rho[t].extend(table.column("rho").to_numpy()[m].tolist())
-        del table
+    builder = ContextBuilder(tok, cfg, seed=0, pool=records, progress=False)
+    table = builder.build(records, stat=stat)
     secs = time.perf_counter() - t0
-    return {"seconds": secs, "pool_seconds": t_pool, "contexts": sum(len(v) for v in lengths.values()),
-            "lengths": lengths, "n_docs": n_docs, "rho": rho, "verify": stats}
+    rows = []
+    answers = {r.id: r.answers for r in records}
+    for r in table.to_pylist():
+        p, tail = r["long_prompt"], _SUFFIX.format(question=r["question"])
+        assert p.startswith(_PREFIX) and p.endswith(tail)
+        # Title and text of each document, as RULER's documents are ("{title}\n{text}").
+        docs = ["\n".join(_SOLOPO_PARTS.fullmatch(d).groups()) for d in _SOLOPO_DOC.split(p[len(_PREFIX) : -len(tail)])]
+        if len(docs) != r["n_docs"]:
+            raise RuntimeError(f"{r['id']}: parsed {len(docs)} documents, the table says {r['n_docs']}")
+        gold = set(r["gold_positions"])
+        rows.append(
+            {
+                "target": r["target_len"],
+                "prompt": r["long_prompt"],
+                "claimed_tokens": r["long_tokens"],
+                "answers": answers[r["id"]],
+                "docs": docs,
+                "gold": sorted(gold),
+            }
+        )
+    info = {
+        "seconds": round(secs, 2),
+        "prompts": table.num_rows,
+        "load_before": load0,
+        "load_after": loadavg(),
+        "verify": {k: v for k, v in stats.items() if k.startswith("verify")},
+    }
+    return info, rows
 
 
-def length_error(lengths: list[int], target: int) -> dict:
-    v = np.asarray(lengths, dtype=float)
-    err = (target - v) / target
-    return {"mean_tokens": round(float(v.mean()), 1), "mean_under_target_pct": round(100 * float(err.mean()), 2),
-            "max_under_target_pct": round(100 * float(err.max()), 2), "over_target": int((v > target).sum())}
+def ruler_builder(raw: list[dict[str, Any]], tok, targets: list[int]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One fresh RulerQA per length: a RULER process per length, seeded the same way each time."""
+    info: dict[str, Any] = {
+        "seconds_per_length": {},
+        "tokenizer_calls": 0,
+        "infinite_loops": {},
+        "num_docs": {},
+        "load_before": loadavg(),
+    }
+    rows = []
+    count = chat_counter(tok)
+    template = ruler_template(PROMPT_TEMPLATE)
+    for t in targets:
+        t0 = time.perf_counter()
+        ruler = from_musique(raw, count, template)
+        try:
+            out = ruler.generate_samples(len(ruler.qas), t)
+            info["infinite_loops"][t] = 0
+        except RulerInfiniteLoop as e:  # RULER would hang here: record it, keep the questions before it
+            info["infinite_loops"][t] = str(e)
+            out = []
+        info["seconds_per_length"][t] = round(time.perf_counter() - t0, 2)
+        info["tokenizer_calls"] += ruler.tokenizer_calls
+        info["num_docs"][t] = ruler.num_docs
+        for qa, o in zip(ruler.qas, out, strict=False):
+            gold = set(qa["context"])
+            docs = [ruler.docs[d] for d in o["doc_ids"]]
+            rows.append(
+                {
+                    "target": t,
+                    "prompt": o["input"],
+                    "claimed_tokens": o["length"],
+                    "answers": qa["outputs"],
+                    "docs": docs,
+                    "gold": [i for i, d in enumerate(o["doc_ids"]) if d in gold],
+                }
+            )
+    info["seconds"] = round(sum(info["seconds_per_length"].values()), 2)
+    info["prompts"] = len(rows)
+    info["load_after"] = loadavg()
+    return info, rows
 
 
-def simulate_pool(records: list[QARecord], n: int) -> list[QARecord]:
-    return [dataclasses.replace(records[i % len(records)], id=f"{records[i % len(records)].id}#copy{i // len(records)}")
-            for i in range(n)]
+# --- 3. quality ----------------------------------------------------------------------------------------
+def quality(rows: list[dict[str, Any]], counter: TokenCounter, tolerance: float, targets: list[int]) -> dict:
+    tokens = counter.count_chat([r["prompt"] for r in rows])
+    out: dict[Any, Any] = {}
+    for t in targets:
+        idx = [i for i, r in enumerate(rows) if r["target"] == t]
+        if not idx:
+            continue
+        v = tokens[idx].astype(float)
+        claimed = np.array([rows[i]["claimed_tokens"] for i in idx], dtype=float)
+        lo = math.ceil(t * (1 - tolerance))
+        leaks, depths, patterns = [], [], set()
+        for i in idx:
+            r = rows[i]
+            keys = [match_key(a) for a in r["answers"]]
+            gold = set(r["gold"])
+            leaks.append(sum(contains_answer(match_key(d), keys) for j, d in enumerate(r["docs"]) if j not in gold))
+            n = len(r["docs"])
+            depths += [g / (n - 1) if n > 1 else 0.0 for g in r["gold"]]
+            patterns.add((n, tuple(r["gold"])))
+        leaks_a = np.asarray(leaks)
+        out[t] = {
+            "prompts": len(idx),
+            "in_window_pct": round(100 * float(np.mean((v >= lo) & (v <= t))), 1),
+            "over_target": int((v > t).sum()),
+            "mean_tokens_pct": round(100 * float(v.mean()) / t, 2),
+            "min_tokens_pct": round(100 * float(v.min()) / t, 2),
+            "count_mismatches": int((v != claimed).sum()),  # builder's own count vs the full re-tokenization
+            "prompts_with_answer_in_non_gold_doc_pct": round(100 * float(np.mean(leaks_a > 0)), 1),
+            "mean_non_gold_docs_with_answer": round(float(leaks_a.mean()), 2),
+            "mean_docs": round(float(np.mean([len(rows[i]["docs"]) for i in idx])), 1),
+            "gold_depth_hist": np.histogram(depths, bins=10, range=(0.0, 1.0))[0].tolist(),
+            "distinct_gold_layouts": len(patterns),
+            "depths": [round(d, 4) for d in depths],
+            "tokens": v.astype(int).tolist(),
+        }
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small pools and subsamples (a smoke run)")
-    ap.add_argument("--ruler-subsample", type=int, default=60, help="RULER questions per pool")
-    ap.add_argument("--pool-size", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="20 questions at 4K and 8K (a smoke run)")
+    ap.add_argument("--questions", type=int, default=60, help="first N shipped questions: questions and pool of both")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
-    if args.quick:
-        args.ruler_subsample, args.pool_size = 4, 1000
+    targets = TARGETS[:2] if args.quick else TARGETS
 
     from transformers import AutoTokenizer
 
     from solopo.models import prepare_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(prepare_tokenizer()))
-    counter = TokenCounter(tok)
-    cfg = SynthConfig(target_len=TARGETS, verify_sample=64)
-    shipped = load_records("musique-sample") + load_records("musique-dev-sample")
-    pools = {"shipped": shipped, f"{args.pool_size // 1000}k": simulate_pool(shipped, args.pool_size)}
+    work = Path(tempfile.mkdtemp(prefix="bench-synth-"))
+    data = work / "musique_shipped.jsonl"
+    lines = [ln for f in SHIPPED for ln in (DATA_DIR / f).read_text().splitlines() if ln.strip()]
+    data.write_text("\n".join(lines[: 20 if args.quick else args.questions]) + "\n")
+    tokenizer_dir = str(prepare_tokenizer())
 
-    results: dict = {
+    res: dict[str, Any] = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "tokenizer": "SmolLM2-135M-Instruct (embedded default), chat template included",
-        "tolerance": cfg.tolerance,
-        "ruler_subsample": args.ruler_subsample,
-        "pools": {},
+        "targets": targets,
     }
-    for name, recs in pools.items():
-        print(f"[{name}] solopo: {len(recs)} questions x {len(TARGETS)} lengths", flush=True)
-        ours = run_solopo(recs, tok, cfg, args.seed, chunk=2000)
-        sub = recs[: args.ruler_subsample]
-        print(f"[{name}] RULER: {len(sub)} questions x {len(TARGETS)} lengths (subsample)", flush=True)
-        ruler = run_ruler(sub, recs, counter, cfg, args.seed)
-        ours_cps = ours["contexts"] / ours["seconds"]
-        r_secs = sum(r["seconds"] for r in ruler.values())
-        r_cps = sum(r["contexts"] for r in ruler.values()) / r_secs
-        entry = {
-            "questions": len(recs),
-            "solopo": {"seconds": round(ours["seconds"], 2), "pool_tokenize_seconds": round(ours["pool_seconds"], 2),
-                       "contexts": ours["contexts"], "contexts_per_s": round(ours_cps, 1),
-                       "verify": ours["verify"]},
-            "ruler": {"questions": len(sub), "seconds": round(r_secs, 2),
-                      "contexts": sum(r["contexts"] for r in ruler.values()), "contexts_per_s": round(r_cps, 2),
-                      "tokenizer_calls": sum(r["tokenizer_calls"] for r in ruler.values())},
-            "speedup": round(ours_cps / r_cps, 1),
-            "per_target": {},
-        }
-        for t in TARGETS:
-            entry["per_target"][t] = {
-                "solopo": {**length_error(ours["lengths"][t], t),
-                           "in_window_pct": round(100 * float(np.mean(
-                               [math.ceil(t * (1 - cfg.tolerance)) <= v <= t for v in ours["lengths"][t]])), 2),
-                           "mean_docs": round(float(np.mean(ours["n_docs"][t])), 1),
-                           "mean_rho": round(float(np.mean(ours["rho"][t])), 4)},
-                "ruler": {**length_error(ruler[t]["lengths"], t),
-                          "contexts_per_s": round(ruler[t]["contexts"] / ruler[t]["seconds"], 2)},
-            }
-        results["pools"][name] = entry
-        if name == "shipped":
-            shipped_lengths = {"solopo": ours["lengths"], "ruler": {t: ruler[t]["lengths"] for t in TARGETS}}
-        print(json.dumps({k: entry[k] for k in ("solopo", "ruler", "speedup")}, indent=1), flush=True)
+    print(f"[1/3] end-to-end over {targets}", flush=True)
+    res["end_to_end"] = end_to_end(data, targets, work, tokenizer_dir)
+    print(json.dumps(res["end_to_end"]), flush=True)
 
-    # The real train set has ~400K distinct paragraphs; the duplicated pool has a few thousand.
-    n_par = 40000 if args.quick else 400000
-    strings = [f"{p.title}: {p.text}" for r in shipped for p in r.paragraphs]
-    strings = [strings[i % len(strings)] for i in range(n_par)]
-    t0 = time.perf_counter()
-    n_tok = int(counter.count(strings).sum())
-    secs = time.perf_counter() - t0
-    results["full_scale_pool_tokenization"] = {"paragraphs": n_par, "tokens": n_tok, "seconds": round(secs, 2),
-                                               "tokens_per_s": round(n_tok / secs)}
-    big = results["pools"][f"{args.pool_size // 1000}k"]
-    projected = big["solopo"]["seconds"] + secs
-    results["projected_full_train_set"] = {
-        "solopo_seconds": round(projected, 1),
-        "speedup": round(big["solopo"]["contexts"] / projected / big["ruler"]["contexts_per_s"], 1),
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    records = load_records(str(data))
+    raw = read_musique(data)
+    assert [r["id"] for r in raw] == [r.id for r in records]
+    cfg = SynthConfig(target_len=targets, verify_sample=64)
+    res["questions"] = len(records)
+    res["tolerance"] = cfg.tolerance
+    print(f"[2/3] builder-only, {len(records)} questions", flush=True)
+    s_info, s_rows = solopo_builder(records, tok, cfg)
+    r_info, r_rows = ruler_builder(raw, tok, targets)
+    res["builder"] = {"solopo": s_info, "ruler": r_info, "ratio": round(r_info["seconds"] / s_info["seconds"], 2)}
+    print(json.dumps(res["builder"]), flush=True)
+
+    # The end-to-end processes built the same prompts (same data, seeds and code paths).
+    import pyarrow.parquet as pq
+
+    e2e = pq.read_table(work / "solopo-run" / "synth" / "data.parquet").column("long_prompt").to_pylist()
+    same_ruler = all(
+        [json.loads(x)["input"] for x in (work / f"ruler-{t}.jsonl").read_text().splitlines()]
+        == [r["prompt"] for r in r_rows if r["target"] == t]
+        for t in targets
+    )
+    res["end_to_end_outputs_match_builder_only"] = {
+        "solopo": sorted(e2e) == sorted(r["prompt"] for r in s_rows),
+        "ruler": same_ruler,
     }
+
+    print("[3/3] quality: re-tokenizing every prompt", flush=True)
+    counter = TokenCounter(tok)
+    res["quality"] = {
+        "solopo": quality(s_rows, counter, cfg.tolerance, targets),
+        "ruler": quality(r_rows, counter, cfg.tolerance, targets),
+    }
+    res["load_end"] = loadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "results.md").write_text(to_markdown(results))
-    plot(shipped_lengths, cfg.tolerance, args.out / "lengths.png")
+    (args.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / "results.md").write_text(to_markdown(res))
+    plot(res, args.out / "synth.png")
     print((args.out / "results.md").read_text())
 
 
 def to_markdown(res: dict) -> str:
+    e, b, q = res["end_to_end"], res["builder"], res["quality"]
     lines = [
-        "# synth benchmark: solopo vs RULER",
+        "# synth benchmark: solopo vs RULER's QA builder",
         "",
-        f"Machine: {res['machine']['cpu_count']} CPU cores, {res['machine']['platform']}. Tokenizer: {res['tokenizer']}. "
-        "Both builders ran in the same process, one after the other.",
-        f"RULER was timed on the first {res['ruler_subsample']} questions of each pool (all four lengths); "
-        "solopo on every question. The ratio compares contexts per second.",
+        f"Machine: {res['machine']['cpu_count']} CPU cores (shared), {res['machine']['platform']}. "
+        f"Tokenizer: {res['tokenizer']}. Questions: the first {res['questions']} of the shipped MuSiQue train + dev "
+        "samples, for both builders; the distractor pool of both is their paragraphs (RULER costs about a second per "
+        "question and length on this shared machine, hence the subset; `--questions 299` runs all). RULER = NVIDIA/RULER "
+        "scripts/data/synthetic/qa.py reproduced line by line in `ruler_qa.py` (binary search of the document "
+        "count once on question 0, reused, minus 10 documents on overflow, `random.Random(42)` shuffle, the "
+        "question's own distractor paragraphs kept). Both count the chat-rendered prompt; RULER's 32 answer tokens "
+        "are not reserved (tokens_to_generate=0) so both aim at the same budget. One run, load average recorded.",
         "",
-        "| pool | questions | solopo contexts | solopo s | solopo ctx/s | RULER contexts | RULER s | RULER ctx/s | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "## Time",
+        "",
+        "| measure | solopo s | RULER s | RULER / solopo | load avg (1/5/15 min) |",
+        "|---|---:|---:|---:|---|",
+        f"| end-to-end, {'/'.join(str(t // 1024) + 'K' for t in res['targets'])}, process start included | "
+        f"{e['solopo_seconds']} | {e['ruler_seconds']} | **{e['ratio']}x** | {e['load_before']} -> "
+        f"{e['load_between']} -> {e['load_after']} |",
+        f"| builder only (in one process) | {b['solopo']['seconds']} | {b['ruler']['seconds']} | "
+        f"**{b['ratio']}x** | {b['solopo']['load_before']} -> {b['ruler']['load_after']} |",
+        "",
+        f"End-to-end = `{e['solopo_command']}` (one process: load stage, synth stage with its verification, "
+        "Parquet, manifest, plot) vs one `ruler_qa.py` process per length (RULER's way), "
+        f"per length: {e['ruler_seconds_per_length']}. RULER's document counts (from question 0): "
+        f"{b['ruler']['num_docs']}; tokenizer calls: {b['ruler']['tokenizer_calls']}; RULER infinite-loop cases "
+        f"(raised instead of hanging): {b['ruler']['infinite_loops']}. solopo's own verification: "
+        f"{b['solopo']['verify']}. The end-to-end processes produced the same prompts as the builder-only run: "
+        f"{res['end_to_end_outputs_match_builder_only']}.",
+        "",
+        "## Lengths and contents (every prompt re-tokenized in full)",
+        "",
+        f"Window = [ceil(T x {1 - res['tolerance']:.2f}), T] tokens.",
+        "",
+        "| target | builder | prompts | in window | over T | mean tokens / T | min tokens / T | count mismatches "
+        "| prompts with an answer string in a non-gold doc | mean such docs | mean docs | distinct gold layouts |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, e in res["pools"].items():
-        s, r = e["solopo"], e["ruler"]
-        lines.append(f"| {name} | {e['questions']} | {s['contexts']} | {s['seconds']} | {s['contexts_per_s']} | "
-                     f"{r['contexts']} | {r['seconds']} | {r['contexts_per_s']} | **{e['speedup']}x** |")
-    lines += ["", f"Length vs target (tolerance window {100 * res['tolerance']:.0f}% under the target):", "",
-              "| pool | target | solopo mean | solopo under target (mean / max) | solopo in window | RULER mean | "
-              "RULER under target (mean / max) | RULER over target |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, e in res["pools"].items():
-        for t, v in e["per_target"].items():
-            s, r = v["solopo"], v["ruler"]
-            lines.append(f"| {name} | {t} | {s['mean_tokens']} | {s['mean_under_target_pct']}% / {s['max_under_target_pct']}% | "
-                         f"{s['in_window_pct']}% | {r['mean_tokens']} | {r['mean_under_target_pct']}% / "
-                         f"{r['max_under_target_pct']}% | {r['over_target']} |")
-    lines += [""]
-    for name, e in res["pools"].items():
-        v = e["solopo"]["verify"]
-        lines.append(f"- {name}: {v.get('verify_prompts', 0)} solopo prompts re-tokenized in full, largest count "
-                     f"deviation {v.get('verify_max_abs_deviation')} tokens, {v.get('verify_outside_tolerance')} outside "
-                     f"the window; pool tokenized in {e['solopo']['pool_tokenize_seconds']} s.")
-    f = res["full_scale_pool_tokenization"]
-    p = res["projected_full_train_set"]
-    lines += [f"- Full-scale pool: tokenizing {f['paragraphs']} paragraph strings ({f['tokens']} tokens; 19.9K questions x "
-              f"20 paragraphs is an upper bound on the real train set's distinct paragraphs) took {f['seconds']} s "
-              f"({f['tokens_per_s']} tokens/s). The duplicated pool has only a few thousand distinct paragraphs, so "
-              f"adding this gives a projected {p['solopo_seconds']} s for the real train set at four lengths "
-              f"(ratio {p['speedup']}x against RULER's measured rate).",
-              "- solopo's time includes everything the stage does: tokenizing the pool, the exact short prompts, "
-              "selection, rendering the prompt strings, the Arrow table and the full re-tokenization of the "
-              "verification sample (64 prompts per call).",
-              "", "![lengths](lengths.png)", ""]
+    for t in res["targets"]:
+        for name in ("solopo", "ruler"):
+            v = q[name].get(str(t), q[name].get(t))
+            if v is None:
+                continue
+            lines.append(
+                f"| {t} | {name} | {v['prompts']} | {v['in_window_pct']}% | {v['over_target']} | "
+                f"{v['mean_tokens_pct']}% | {v['min_tokens_pct']}% | {v['count_mismatches']} | "
+                f"{v['prompts_with_answer_in_non_gold_doc_pct']}% | {v['mean_non_gold_docs_with_answer']} | "
+                f"{v['mean_docs']} | {v['distinct_gold_layouts']} |"
+            )
+    lines += [
+        "",
+        "Gold-document depth (position / (n_docs - 1)), counts in tenths 0-0.1 ... 0.9-1.0:",
+        "",
+        "| target | builder | histogram |",
+        "|---:|---|---|",
+    ]
+    for t in res["targets"]:
+        for name in ("solopo", "ruler"):
+            v = q[name].get(str(t), q[name].get(t))
+            if v is not None:
+                lines.append(f"| {t} | {name} | {v['gold_depth_hist']} |")
+    lines += ["", "![synth](synth.png)", ""]
     return "\n".join(lines)
 
 
-def plot(lengths: dict, tolerance: float, path: Path) -> None:
+def plot(res: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TARGETS), figsize=(4 * len(TARGETS), 3.2))
-    for ax, t in zip(axes, TARGETS, strict=True):
-        lo = math.ceil(t * (1 - tolerance))
-        ax.hist(np.asarray(lengths["ruler"][t]) / t, bins=20, alpha=0.6, label="RULER (subsample)", color="tab:red")
-        ax.hist(np.asarray(lengths["solopo"][t]) / t, bins=20, alpha=0.6, label="solopo", color="tab:blue")
-        ax.axvspan(lo / t, 1.0, color="tab:orange", alpha=0.2, label="tolerance window")
-        ax.set_title(f"target {t} tokens (shipped pool)")
-        ax.set_xlabel("prompt tokens / target")
+    targets = res["targets"]
+    fig, axes = plt.subplots(2, len(targets), figsize=(4 * len(targets), 6.4), squeeze=False)
+    colors = {"solopo": "tab:blue", "ruler": "tab:red"}
+    for k, t in enumerate(targets):
+        lo = math.ceil(t * (1 - res["tolerance"]))
+        ax, ad = axes[0][k], axes[1][k]
+        for name in ("solopo", "ruler"):
+            v = res["quality"][name].get(t) or res["quality"][name].get(str(t))
+            if v is None:
+                continue
+            ax.hist(np.asarray(v["tokens"]) / t, bins=30, alpha=0.6, color=colors[name], label=name)
+            ad.hist(v["depths"], bins=20, range=(0, 1), alpha=0.6, color=colors[name], label=name)
+        ax.axvspan(lo / t, 1.0, color="tab:orange", alpha=0.2, label="2% window")
+        ax.set_title(f"target {t}: prompt tokens / target")
+        ad.set_title(f"target {t}: gold-document depth")
         ax.legend(fontsize=7)
+        ad.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 

@@ -8,9 +8,13 @@ sample (chosen) with an incorrect one (rejected) under an explicit policy:
 - shortest:       the shortest correct sample (in tokens), a random incorrect one
 - length_matched: a random correct sample and the incorrect one closest to it in length (less length bias)
 
+Correctness is sub-EM under `match`: "word" (default; the gold's tokens occur as whole tokens in the
+answer) or "substring" (the paper's raw rule; short aliases like "N" or "US" then match inside words).
+
 Questions whose valid samples are all correct or all wrong yield no pair (drops: all_correct, all_wrong,
-no_valid_samples). Identical texts are never paired. With `pairs_per_question: k`, up to k distinct pairs
-are taken, preferring pairs that reuse neither side.
+no_valid_samples). Identical texts are never paired. Zero pairs in total is an error (NoPairsError, with
+the drops by reason and what to try) unless `allow_empty: true`. With `pairs_per_question: k`, up to k
+distinct pairs are taken, preferring pairs that reuse neither side.
 
 With long samples (sample.on=both) the same rules pick one long pair per target_len and pair index,
 stored in `long_pairs` (a question with no short pair is dropped whatever its long samples).
@@ -25,8 +29,10 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from solopo.metrics import extract_final_answer, is_repetitive, sub_em
+from solopo.metrics import MatchRule, extract_final_answer, is_repetitive, sub_em
 from solopo.pipeline.config import StageConfig
+from solopo.pipeline.errors import SolopoError
+from solopo.pipeline.io import write_json
 from solopo.pipeline.stage import Stage
 
 from . import register
@@ -70,6 +76,9 @@ SELECT_SCHEMA = pa.schema(
 
 class SelectConfig(StageConfig):
     policy: Literal["random", "shortest", "length_matched"] = "random"
+    match: MatchRule = Field(
+        default="word", description="sub-EM rule: word (whole tokens) or substring (the paper's raw containment)"
+    )
     pairs_per_question: int = Field(default=1, ge=1)
     drop_truncated: bool = True
     drop_no_answer: bool = True
@@ -80,6 +89,11 @@ class SelectConfig(StageConfig):
         default=None, ge=1.0, description="bound on longer/shorter (tokens) of chosen vs rejected; None = off"
     )
     seed: int | None = Field(default=None, description="None = run.seed")
+    allow_empty: bool = Field(default=False, description="accept 0 pairs instead of failing (nothing to train on)")
+
+
+class NoPairsError(SolopoError):
+    """select kept no pair at all: training would have nothing to learn from."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,7 @@ def score_samples(
             filtered[why] = filtered.get(why, 0) + 1
             continue
         seen.add(text.strip())
-        valid.append(Scored(i, text, answer, int(ntok), sub_em(answer, answers)))
+        valid.append(Scored(i, text, answer, int(ntok), sub_em(answer, answers, match=cfg.match)))
     return valid, filtered
 
 
@@ -176,12 +190,16 @@ def choose_pairs(valid: list[Scored], cfg: SelectConfig, rng: random.Random) -> 
     return picked, None
 
 
+def _counts(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1])) or "none"
+
+
 @register
 class SelectStage(Stage):
     name = "select"
     Config = SelectConfig
     after = "sample"
-    version = "1"
+    version = "2"  # 2: word-bounded sub-EM by default
     reads = ("id", "answers", "samples", "finish_reasons", "sample_tokens", "long_samples")
     writes = tuple(SELECT_SCHEMA.names)
 
@@ -210,7 +228,9 @@ class SelectStage(Stage):
                 continue
             long_pairs = self._long_pairs(row.get("long_samples") or [], answers, len(pairs), rng)
             for i, p in enumerate(pairs):
-                assert p.chosen.text.strip() != p.rejected.text.strip()  # the guard the whole method relies on
+                if p.chosen.text.strip() == p.rejected.text.strip() or not p.chosen.correct or p.rejected.correct:
+                    # The guard the method relies on (a tie must never become a pair); not an assert: -O strips those.
+                    raise RuntimeError(f"select: question {qid!r} pair {i} is a tie or mislabeled (a bug)")
                 out.append(
                     {
                         "id": qid,
@@ -286,4 +306,35 @@ class SelectStage(Stage):
             )
         if s.get("questions"):
             self.ctx.stat("pair_yield", round(s.get("questions_with_pair", 0) / s["questions"], 4))
+        self.ctx.stat("match_rule", self.config.match)
+        (self.ctx.out_dir / "no_pairs.json").unlink(missing_ok=True)  # details of an earlier failed run
+        if table.num_rows == 0:
+            if not self.config.allow_empty:
+                raise self._no_pairs()
+            self.ctx.note("0 pairs (allowed by select.allow_empty=true): there is nothing to train on")
         return table
+
+    def _no_pairs(self) -> NoPairsError:
+        """The error for 0 pairs: drops by reason, filtered samples, what to try; details kept in no_pairs.json."""
+        s, drops = self.ctx.stats, dict(self.ctx.drops)
+        filtered = {k.split(".", 1)[1]: v for k, v in s.items() if k.startswith("samples_filtered.")}
+        path = self.ctx.out_dir / "no_pairs.json"
+        write_json({"drops": drops, "drop_examples": self.ctx.drop_examples, "stats": s}, path)
+        n_samples = getattr(getattr(self.ctx.config, "sample", None), "n", "?")
+        tips = []
+        if drops.get("all_wrong") or drops.get("no_valid_samples"):
+            tips.append(f"more samples per question (sample.n / --num-samples, now {n_samples})")
+            tips.append("a stronger model (--model)")
+        if filtered.get("truncated"):
+            tips.append("a larger sample.max_tokens (samples were cut before their final answer)")
+        if filtered.get("no_final_answer"):
+            tips.append("a model that ends with 'The answer is: ...' (samples had no final answer)")
+        if drops.get("all_correct"):
+            tips.append("harder questions or longer contexts (every sample was right)")
+        tips.append(f"check the gold answers and aliases in the data (matching rule select.match={self.config.match})")
+        return NoPairsError(
+            f"select: 0 pairs from {s.get('questions', 0)} question(s), nothing to train on. "
+            f"Questions dropped by reason: {_counts(drops)}; samples filtered: {_counts(filtered)}. "
+            f"Try: {'; '.join(tips)}. Details: {path}. "
+            "To keep an empty result anyway: --set select.allow_empty=true"
+        )

@@ -16,6 +16,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from solopo.pipeline.config import StageConfig, parse_length, register_preset
+from solopo.pipeline.errors import SolopoError
 from solopo.pipeline.io import dir_fingerprint, read_json
 from solopo.pipeline.stage import Stage
 
@@ -144,6 +145,13 @@ class TrainStage(Stage):
         from solopo.training.loop.trainer import train
 
         cfg: TrainConfig = self.config
+        if data is not None and data.num_rows == 0:  # select ran with allow_empty=true: say why it is empty
+            sel = self.ctx.upstream_dirs.get("select", Path("select")) / "manifest.json"
+            drops = read_json(sel).get("drops", {}) if sel.exists() else "unknown (no select manifest)"
+            raise SolopoError(
+                f"train: the exported triplets are empty (0 pairs); select's drops by reason: {drops} (see {sel}). "
+                "Sample more (sample.n), use a stronger model, or check the answers, then rerun `solopo pair`"
+            )
         model_path = resolve_model(self.ctx.run.model)
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed

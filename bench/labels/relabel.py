@@ -1,0 +1,239 @@
+"""How many labels change between sub-EM's word rule (the default) and the paper's raw substring rule.
+
+    python3 bench/labels/relabel.py [--run-dir RUN ...]
+
+1. Stored generations (each --run-dir with sample/ and optionally eval/ outputs): select is re-run on the
+   stored samples under both rules (same seed, same config as the run, allow_empty so nothing aborts), and
+   every eval prediction is re-scored under both rules. Counted: sample labels, selection outcomes per
+   question (a pair, or the drop reason), the chosen/rejected texts, eval labels.
+2. No generation needed: on every shipped dataset each question is scored against the gold answers of every
+   *other* question used as its prediction ("what if the model answered another question's answer"). Pairs
+   that share a gold answer are correct under both rules; the rest of what the substring rule accepts are
+   false positives. Each question's own gold is also checked to score correct under both rules.
+
+Writes results.json and results.md next to this file (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from solopo.datasets import load_records  # noqa: E402
+from solopo.metrics import MATCH_RULES, sub_em  # noqa: E402
+from solopo.pipeline.io import read_parquet  # noqa: E402
+from solopo.pipeline.runner import load_manifest  # noqa: E402
+from solopo.pipeline.stage import StageContext  # noqa: E402
+from solopo.stages.select import SelectConfig, SelectStage, score_samples  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+logging.getLogger("solopo").setLevel(logging.ERROR)  # allow_empty notes would repeat per question
+SHIPPED = ["musique-sample", "musique-dev-sample", "hotpotqa-sample"]
+
+
+def _select_one(row: dict[str, Any], schema, cfg: SelectConfig, seed: int, out_dir: Path) -> tuple[list[dict], str]:
+    """select on one question (its random picks are seeded per question id, as in a whole run): (pairs, outcome)."""
+    import pyarrow as pa
+
+    from solopo.pipeline.config import RunSettings
+
+    ctx = StageContext(stage="select", out_dir=out_dir, run=RunSettings(seed=seed), config=None)
+    stage = SelectStage(cfg, ctx)
+    pairs = stage.finalize(stage.run(pa.Table.from_pylist([row], schema=schema))).to_pylist()
+    return pairs, "pair" if pairs else next(iter(ctx.drops))
+
+
+def stored_generations(run_dir: Path, scratch: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {"run_dir": str(run_dir)}
+    samples = read_parquet(run_dir / "sample" / "data.parquet")
+    m = load_manifest(run_dir, "sample")
+    seed = int(m["run"]["seed"])
+    base = (
+        SelectConfig(**{**load_manifest(run_dir, "select")["config"], "allow_empty": True})
+        if (run_dir / "select" / "manifest.json").exists()
+        else SelectConfig(allow_empty=True)
+    )
+    res["model"] = m["run"].get("model") or "embedded SmolLM2-135M-Instruct"
+    res["questions"] = samples.num_rows
+
+    # Sample labels: every valid sample, scored under both rules.
+    rows = samples.to_pylist()
+    n_valid, correct, changed, examples = 0, Counter(), 0, []
+    for r in rows:
+        valid, _ = score_samples(r["samples"], r["finish_reasons"], r["sample_tokens"], r["answers"], base)
+        for s in valid:
+            n_valid += 1
+            verdict = {rule: sub_em(s.answer, r["answers"], match=rule) for rule in MATCH_RULES}
+            correct.update(rule for rule, v in verdict.items() if v)
+            if len(set(verdict.values())) > 1:
+                changed += 1
+                if len(examples) < 10:
+                    examples.append({"id": r["id"], "answer": s.answer, "golds": r["answers"], **verdict})
+    res["sample_labels"] = {
+        "valid_samples": n_valid,
+        "correct": dict(correct),
+        "changed": changed,
+        "examples": examples,
+    }
+
+    # Selections, question by question: the outcome (a pair or the drop reason) and the pairs themselves.
+    per_rule: dict[str, dict[str, Any]] = {}
+    for rule in MATCH_RULES:
+        cfg = base.model_copy(update={"match": rule})
+        pairs, outcomes = [], {}
+        for r in rows:
+            got, outcomes[r["id"]] = _select_one(r, samples.schema, cfg, seed, scratch / rule)
+            pairs += got
+        per_rule[rule] = {"pairs": pairs, "outcomes": outcomes}
+    w, s = per_rule["word"], per_rule["substring"]
+    wp = {(p["id"], p["pair_index"]): (p["chosen"], p["rejected"]) for p in w["pairs"]}
+    sp = {(p["id"], p["pair_index"]): (p["chosen"], p["rejected"]) for p in s["pairs"]}
+    res["selection"] = {
+        "pairs": {rule: len(per_rule[rule]["pairs"]) for rule in MATCH_RULES},
+        "outcomes": {rule: dict(Counter(per_rule[rule]["outcomes"].values())) for rule in MATCH_RULES},
+        "questions_with_changed_outcome": sum(w["outcomes"][q] != s["outcomes"][q] for q in w["outcomes"]),
+        "pairs_with_changed_chosen_or_rejected": sum(wp.get(k) != sp.get(k) for k in set(wp) | set(sp)),
+        "select_config": {k: v for k, v in base.model_dump().items() if k != "match"},
+    }
+
+    ev = run_dir / "eval" / "data.parquet"
+    if ev.exists():
+        preds = read_parquet(ev).to_pylist()
+        lab = {
+            rule: [p["prediction"] is not None and sub_em(p["prediction"], p["answers"], match=rule) for p in preds]
+            for rule in MATCH_RULES
+        }
+        res["eval_labels"] = {
+            "predictions": len(preds),
+            "correct": {rule: sum(v) for rule, v in lab.items()},
+            "changed": sum(a != b for a, b in zip(lab["word"], lab["substring"], strict=True)),
+        }
+    return res
+
+
+def cross_answers(source: str, seed: int = 0, max_examples: int = 8) -> dict[str, Any]:
+    recs = load_records(source)
+    counts = Counter()
+    examples: list[dict[str, Any]] = []
+    own_ok = {rule: sum(sub_em(r.answer, r.answers, match=rule) for r in recs) for rule in MATCH_RULES}
+    for q in recs:
+        for other in recs:
+            if other.id == q.id:
+                continue
+            v = {rule: sub_em(other.answer, q.answers, match=rule) for rule in MATCH_RULES}
+            counts["pairs"] += 1
+            for rule, ok in v.items():
+                counts[rule] += ok
+            if v["substring"] and not v["word"]:
+                counts["substring_only"] += 1
+                examples.append({"prediction": other.answer, "golds": q.answers})
+            if v["word"] and not v["substring"]:
+                counts["word_only"] += 1
+    random.Random(seed).shuffle(examples)
+    questions_hit = sum(
+        any(
+            sub_em(o.answer, q.answers, match="substring") and not sub_em(o.answer, q.answers)
+            for o in recs
+            if o.id != q.id
+        )
+        for q in recs
+    )
+    return {
+        "source": source,
+        "questions": len(recs),
+        "own_gold_correct": own_ok,
+        **counts,
+        "questions_with_a_substring_only_false_positive": questions_hit,
+        "examples": examples[:max_examples],
+    }
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    lines = ["# sub-EM: word rule (default) vs the paper's substring rule", ""]
+    for g in res["stored"]:
+        sl, se = g["sample_labels"], g["selection"]
+        lines += [
+            f"## Stored generations: {g['run_dir']} ({g['model']}, {g['questions']} questions)",
+            "",
+            "| what | word | substring | changed |",
+            "|---|---:|---:|---:|",
+            f"| valid samples labeled correct (of {sl['valid_samples']}) | {sl['correct'].get('word', 0)} | "
+            f"{sl['correct'].get('substring', 0)} | {sl['changed']} |",
+            f"| pairs selected | {se['pairs']['word']} | {se['pairs']['substring']} | "
+            f"{se['pairs_with_changed_chosen_or_rejected']} pairs with another chosen or rejected |",
+            f"| question outcomes (pair / drop reason) | {se['outcomes']['word']} | {se['outcomes']['substring']} | "
+            f"{se['questions_with_changed_outcome']} questions |",
+        ]
+        if "eval_labels" in g:
+            el = g["eval_labels"]
+            lines.append(
+                f"| eval predictions correct (of {el['predictions']}) | {el['correct']['word']} | "
+                f"{el['correct']['substring']} | {el['changed']} |"
+            )
+        else:
+            lines.append("| eval predictions | - | - | no eval outputs in this run |")
+        if sl["examples"]:
+            lines += [
+                "",
+                "Samples whose label changes: "
+                + "; ".join(
+                    f"`{e['answer']}` vs {e['golds'][:3]} (substring {e['substring']}, word {e['word']})"
+                    for e in sl["examples"]
+                ),
+            ]
+        lines.append("")
+    lines += [
+        "## Another question's gold answer as the prediction (no generation)",
+        "",
+        "Every ordered pair of distinct questions in a shipped dataset: question B's gold answer scored against "
+        "question A's gold answer and aliases. A rule's accepted count includes pairs that share an answer "
+        "(legitimately correct under both rules); `substring only` are the false positives the word rule removes.",
+        "",
+        "| dataset | questions | pairs | accepted: word | accepted: substring | substring only | word only | "
+        "questions with a substring-only false positive | own gold correct (word / substring) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in res["cross_answers"]:
+        lines.append(
+            f"| {c['source']} | {c['questions']} | {c['pairs']} | {c.get('word', 0)} | {c.get('substring', 0)} | "
+            f"{c.get('substring_only', 0)} | {c.get('word_only', 0)} | "
+            f"{c['questions_with_a_substring_only_false_positive']} | "
+            f"{c['own_gold_correct']['word']} / {c['own_gold_correct']['substring']} |"
+        )
+    lines += ["", "Examples of substring-only acceptances (prediction -> golds):", ""]
+    for c in res["cross_answers"]:
+        for e in c["examples"][:4]:
+            lines.append(f"- {c['source']}: `{e['prediction']}` -> {e['golds'][:4]}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run-dir", type=Path, action="append", default=[], help="a run with sample/ (and eval/) outputs")
+    ap.add_argument("--out", type=Path, default=HERE)
+    args = ap.parse_args()
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="relabel-"))
+    res = {
+        "rules": list(MATCH_RULES),
+        "stored": [stored_generations(d, scratch) for d in args.run_dir],
+        "cross_answers": [cross_answers(s) for s in SHIPPED],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / "results.md").write_text(to_markdown(res))
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
