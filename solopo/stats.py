@@ -145,10 +145,11 @@ def detectable_difference(n: int, rate: float = 0.5, confidence: float = CONFIDE
     The half-width of a confidence interval for the difference of two independent proportions at `rate`:
     z * sqrt(2 * rate * (1 - rate) / n). rate=0.5 is the worst case; pairing (same questions for both
     models) only narrows the real interval when the models agree on most questions, so this is conservative.
+    Capped at 1: below n=8 no difference at all (not even 100 points) is detectable.
     """
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    return z_value(confidence) * math.sqrt(2 * rate * (1 - rate) / n)
+    return min(1.0, z_value(confidence) * math.sqrt(2 * rate * (1 - rate) / n))
 
 
 def questions_needed(difference: float, rate: float = 0.5, confidence: float = CONFIDENCE) -> int:

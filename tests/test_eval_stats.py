@@ -131,6 +131,7 @@ def test_detectable_difference_and_questions_needed():
     assert stats.detectable_difference(100) == pytest.approx(0.138590, abs=1e-6)
     assert stats.questions_needed(0.10) == 193 and stats.questions_needed(0.05) == 769
     assert stats.detectable_difference(stats.questions_needed(0.05)) <= 0.05
+    assert stats.detectable_difference(1) == 1.0  # capped: one question tells nothing
 
 
 # --- the report's paired comparison on a constructed table ------------------------------------------

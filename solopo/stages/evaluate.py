@@ -375,9 +375,8 @@ class EvalStage(Stage):
         c = self.config
         max_tokens, budget_from = self.max_tokens()
         synth = self.synth_config(None)
-        per_cell = sorted(
-            {a for a in _cell_sizes(table.to_pylist()).values()}
-        )  # questions actually scored per cell (synth may drop unreachable ones)
+        # Questions actually scored per cell: synth drops questions whose context cannot reach a length.
+        per_cell = sorted(set(_cell_sizes(table.to_pylist()).values()))
         return {
             "n_questions_requested": c.n_questions,
             "n_per_cell": per_cell,
@@ -546,8 +545,8 @@ def compare(
 def detectable(cell_ns: list[int]) -> dict[str, Any]:
     """The smallest model difference each cell size can tell from noise, and questions for 10/5/2 points."""
     return {
-        "rule": "half-width of the 95% interval of a difference of two accuracies at 50% (worst case); "
-        "pairing on the same questions can only narrow it",
+        "rule": "half-width of the 95% interval of the difference of two independent accuracies at 50% (the "
+        "widest case); asking both models the same questions narrows it when they agree on most of them",
         "by_n": [{"n": n, "difference_pct_points": _pct(stats.detectable_difference(n))} for n in sorted(set(cell_ns))],
         "questions_needed": {str(d): stats.questions_needed(d / 100) for d in (10, 5, 2)},
     }
@@ -695,14 +694,17 @@ def report_markdown(report: dict[str, Any]) -> str:
 
     det = report.get("detectable")
     if det and det["by_n"]:
-        sizes = ", ".join(f"n={b['n']}: ±{b['difference_pct_points']:.1f}" for b in det["by_n"])
+        sizes = ", ".join(
+            f"n={b['n']}: " + ("none" if b["difference_pct_points"] >= 100 else f"±{b['difference_pct_points']:.1f}")
+            for b in det["by_n"]
+        )
         need = det["questions_needed"]
         lines += [
             "## How many questions",
             "",
-            f"Smallest difference between two models a cell can tell from noise (points; {det['rule']}): {sizes}. "
-            f"To resolve 10 points ask for `--n-questions {need['10']}` per dataset, 5 points {need['5']}, "
-            f"2 points {need['2']}.",
+            f"Smallest difference between two models a cell of n questions can tell from noise, in points: {sizes} "
+            f"({det['rule']}). To resolve 10 points ask for `--n-questions {need['10']}` per dataset, 5 points "
+            f"{need['5']}, 2 points {need['2']}.",
             "",
         ]
 
@@ -727,11 +729,18 @@ def report_markdown(report: dict[str, Any]) -> str:
             m = info.get(label, {})
             extra = ", ".join(f"{k} {m[k]}" for k in ("backend", "dtype", "algo", "mode") if m.get(k))
             lines.append(f"- `{label}`: `{path}`" + (f" ({extra})" if extra else ""))
+        cut = defaultdict(lambda: [0.0, 0])
+        for a in report["accuracy"]:
+            if a["status"] == "measured":
+                cut[a["model"]][0] += a["truncated_pct"] * a["n"]
+                cut[a["model"]][1] += a["n"]
+        cut_text = ", ".join(f"{m} {t / n:.1f}%" for m, (t, n) in cut.items() if n)
         lines += [
-            f"- generation: {s.get('decoding')}, max_tokens {s.get('max_tokens')} (from {s.get('max_tokens_from')})",
+            f"- generation: {s.get('decoding')}, max_tokens {s.get('max_tokens')} (from {s.get('max_tokens_from')}); "
+            f"answers cut at max_tokens: {cut_text}",
             f"- metric: {s.get('metric')}",
-            f"- questions: {s.get('n_questions_requested')} requested per dataset, {s.get('n_per_cell')} scored "
-            f"per cell; seed {s.get('seed')}",
+            f"- questions: {s.get('n_questions_requested')} requested per dataset, "
+            f"{', '.join(str(n) for n in s.get('n_per_cell', []))} scored per cell; seed {s.get('seed')}",
             f"- contexts: the run's synth settings (short_docs {s.get('synth', {}).get('short_docs')}, tolerance "
             f"{s.get('synth', {}).get('tolerance')}); all settings and library versions are in report.json",
             "",
