@@ -99,6 +99,7 @@ class EvalModel:
     role: Literal["base", "trained", "model"]
     algo: str | None = None
     mode: str | None = None
+    trained_here: bool = False  # by this run's train stage
 
 
 def training_record(path: str) -> dict[str, Any] | None:
@@ -149,12 +150,15 @@ class EvalStage(Stage):
 
         models: list[EvalModel] = []
         if self.config.include_base:
-            base_label = f"base ({self.ctx.run.model or EMBEDDED_NAME})"
+            name = self.ctx.run.model or EMBEDDED_NAME
+            if Path(name).expanduser().exists():
+                name = Path(name).expanduser().resolve().name  # a short label; report.json maps it to the path
+            base_label = f"base ({name})"
             models.append(EvalModel(base_label, resolve_model(self.ctx.run.model), "base"))
         if data is not None:
             for row in data.to_pylist():
                 label = row.get("label") or f"{row.get('algo', 'trained')}-{row.get('mode', '')}".strip("-")
-                models.append(EvalModel(label, row["model_path"], "trained", row.get("algo"), row.get("mode")))
+                models.append(EvalModel(label, row["model_path"], "trained", row.get("algo"), row.get("mode"), True))
         for spec in self.config.models:
             label, path = parse_model_spec(spec)
             path = resolve_model(path)
@@ -337,6 +341,7 @@ class EvalStage(Stage):
             backend = self._backend(model.path)
             info["backend"] = backend.name
             info["dtype"] = str(getattr(backend, "dtype", "engine default"))
+            info["backend_settings"] = dict(getattr(backend, "settings", {}))  # engine options, when it states them
             try:
                 fits = self._fit_context(backend, model, rows, max_tokens)
                 log.info("[eval] %s (%s): %d prompts", model.label, model.path, len(fits))
