@@ -283,6 +283,23 @@ def eval_(
     exclude_from: Annotated[
         str | None, typer.Option(help="Run dir or triplet Parquet whose ids must not be evaluated on.")
     ] = None,
+    from_run: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-run",
+            help="A training run dir: build contexts with its synth settings, generate with its sample.max_tokens, "
+            "and exclude its training ids (unless --exclude-from is given).",
+        ),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="Generation budget; default: sample.max_tokens.")
+    ] = None,
+    match: Annotated[
+        str | None, typer.Option(help="sub-EM rule: word (default, word-bounded) or substring (the paper's).")
+    ] = None,
+    short_docs: Annotated[
+        str | None, typer.Option(help="Distractor order as in synth: supporting or own; default: synth.short_docs.")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: Annotated[str, typer.Option("--run-dir", help="Where the eval outputs go.")] = "runs/eval",
@@ -290,7 +307,10 @@ def eval_(
     force: ForceOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
-    """Long-context QA (MuSiQue dev, HotpotQA) at several lengths; compares models in one report + PNG."""
+    """Long-context QA (MuSiQue dev, HotpotQA) at several lengths; compares models in one report + PNG.
+
+    Contexts and the generation budget follow the synth/sample settings of --from-run or --config (a run's
+    config.yaml works), so a trained model is evaluated with the prompts it was trained on."""
     from solopo.pipeline.runner import Pipeline
     from solopo.stages.evaluate import CompareEvalStage
 
@@ -306,14 +326,40 @@ def eval_(
             "eval.depths": depths.split(",") if depths else None,
             "eval.backend": backend,
             "eval.include_base": include_base,
-            "eval.exclude_from": exclude_from,
+            "eval.exclude_from": exclude_from or _run_with_ids(from_run),
+            "eval.max_tokens": max_tokens,
+            "eval.match": match,
+            "eval.short_docs": short_docs,
             "run.run_dir": run_dir,
         },
     )
+    if from_run is not None:
+        sets = _with_run_settings(from_run, sets)
     cfg = _config(config, sets, preset)
     summaries = Pipeline([CompareEvalStage], cfg).run(force=tuple(force or ()))
     _print_summary(summaries, cfg.run.run_dir)
     typer.echo("\n" + (Path(cfg.run.run_dir) / "eval" / "report.md").read_text())
+
+
+def _run_with_ids(run: Path | None) -> str | None:
+    """--from-run's dir when it holds training ids (load/export output) that eval must exclude."""
+    if run is not None and any((run / s / "data.parquet").exists() for s in ("load", "export")):
+        return str(run)
+    return None
+
+
+def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
+    """A run's synth section and sample.max_tokens under the explicit overrides (which still win)."""
+    from solopo.pipeline.config import _deep_merge, read_config_file
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise SolopoError(f"--from-run {run}: no config.yaml there; point it at a run dir (e.g. runs/default)")
+    saved = read_config_file(path)
+    base: dict[str, Any] = {"synth": saved.get("synth", {})}
+    if "max_tokens" in saved.get("sample", {}):
+        base["sample"] = {"max_tokens": saved["sample"]["max_tokens"]}
+    return _deep_merge(base, sets)
 
 
 @app.command()
