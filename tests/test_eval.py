@@ -305,3 +305,40 @@ def test_cli_eval_from_run_takes_its_settings_and_excludes_its_ids(tmp_path, tin
     assert ScriptedBackend.calls[0]["max_tokens"] == 21 and "Sub-EM (substring rule)" in res.output
     res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "nowhere"), *args[5:]])
     assert res.exit_code == 2 and "no config.yaml" in res.output
+
+
+def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_path, tiny_model_dir, scripted):
+    """run-all's eval writes its results into the trained model's card; a --model input dir stays untouched."""
+    import pyarrow as pa
+
+    from solopo.pipeline.io import write_parquet, write_text
+    from solopo.stages.evaluate import EvalStage
+
+    card = (
+        "---\nlicense: apache-2.0\ntags:\n- solopo\n---\n# m\n\n<!-- solopo:eval:start -->\n<!-- solopo:eval:end -->\n"
+    )
+    trained = _model_copy(tiny_model_dir, tmp_path / "right-solo", {"algo": "orpo", "mode": "solo"})
+    other = _model_copy(tiny_model_dir, tmp_path / "half-other")
+    for d in (trained, other):
+        (d / "README.md").write_text(card)
+    run_dir = tmp_path / "run"
+    write_parquet(
+        pa.table({"model_path": [str(trained)], "algo": ["orpo"], "mode": ["solo"]}), run_dir / "train" / "data.parquet"
+    )
+    write_text("trainkey\n", run_dir / "train" / "_SUCCESS")
+    base = _model_copy(tiny_model_dir, tmp_path / "wrong-base")
+    cfg = build_config(
+        None,
+        [f"run.run_dir={run_dir}", f"run.model={base}", "eval.lengths=[1024]", "eval.n_questions=4",
+         "eval.datasets=[musique]", "eval.bootstrap_resamples=500"],
+    )  # fmt: skip
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"models": [f"other={other}"]})})
+    Pipeline([EvalStage], cfg).run()
+    text = (trained / "README.md").read_text()
+    assert "## Evaluation" in text and "| musique | 1k | 100.0 [51.0, 100.0] (n=4) |" in text
+    assert "+100.0 [+100.0, +100.0] points vs base (" in text and "word rule" in text
+    assert str(tmp_path) not in text  # no machine path in a card
+    assert (other / "README.md").read_text() == card
+    # Idempotent: a rerun replaces the section instead of adding a second one.
+    Pipeline([EvalStage], cfg).run(force=("eval",))
+    assert (trained / "README.md").read_text().count("## Evaluation") == 1

@@ -100,7 +100,7 @@ class EvalModel:
     role: Literal["base", "trained", "model"]
     algo: str | None = None
     mode: str | None = None
-    trained_here: bool = False  # by this run's train stage
+    trained_here: bool = False  # by this run's train stage: eval adds its results to the model card
 
 
 def training_record(path: str) -> dict[str, Any] | None:
@@ -429,7 +429,49 @@ class EvalStage(Stage):
         report["plots"] = plots
         write_json(report, out / "report.json")
         write_text(report_markdown(report), out / "report.md")
+        self._add_to_model_cards(report)
         return table
+
+    def _add_to_model_cards(self, report: dict[str, Any]) -> None:
+        """Put each model trained in this run's eval table (and its comparisons) into its model card. Models
+        passed with --model are inputs, not outputs: their dirs are fingerprinted, so they are left unchanged."""
+        from solopo.training.model_card import add_eval_results
+
+        s = report["settings"]
+        for m in report["model_info"]:
+            if not m.get("trained_here"):
+                continue
+            if not (Path(m["path"]) / "README.md").exists():
+                self.ctx.note(f"{m['label']}: {m['path']} has no model card (README.md); eval results not added")
+                continue
+            rows = [
+                {
+                    "dataset": a["dataset"],
+                    "length": format_length(a["target_len"]),
+                    "sub-EM %": format_cell(a),
+                }
+                for a in report["accuracy"]
+                if a["model"] == m["label"]
+            ]
+            rows += [
+                {
+                    "dataset": c["dataset"],
+                    "length": "all" if c["target_len"] is None else format_length(c["target_len"]),
+                    "sub-EM %": f"{c['diff_pct_points']:+.1f} [{c['ci95_low_pct_points']:+.1f}, "
+                    f"{c['ci95_high_pct_points']:+.1f}] points vs {c['reference']}"
+                    + (" (significant)" if c["significant"] else ""),
+                }
+                for c in report["comparisons"]
+                if c["model"] == m["label"]
+            ]
+            notes = (
+                f"Long-context QA by `solopo eval`: sub-EM ({s.get('match')} rule) in percent with a 95% Wilson "
+                f"interval and n questions per cell; greedy, max_tokens {s.get('max_tokens')}; differences vs "
+                "another model in percentage points with a 95% paired bootstrap interval. Full report: the "
+                "training run's `eval/report.md`."
+            )
+            add_eval_results(m["path"], rows, title="Evaluation", notes=notes)
+            log.info("[eval] added the eval table to %s", Path(m["path"]) / "README.md")
 
 
 register(EvalStage)
