@@ -85,7 +85,7 @@ def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
     """backend=auto picks vLLM when importable, announces it and records it."""
     import pyarrow as pa
 
-    from solopo.pipeline.config import build_config
+    from solopo.api import build_config
     from solopo.pipeline.io import read_json, read_parquet, write_parquet
     from solopo.pipeline.runner import Pipeline
     from solopo.stages.sample import SampleStage
