@@ -77,7 +77,7 @@ def _overrides(sets: list[str] | None, **flags: Any) -> dict[str, Any]:
 
 
 def _config(config: Path | None, sets: dict[str, Any] | list[str], preset: str | None):
-    from solopo.pipeline.config import build_config
+    from solopo.api import build_config
 
     return build_config(config, sets, preset=preset)
 

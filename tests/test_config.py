@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from solopo.pipeline.config import build_config, parse_length, parse_lengths
+from solopo.api import build_config
+from solopo.pipeline.config import parse_length, parse_lengths
 from solopo.pipeline.errors import ConfigError
 
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import solopo.backends as backends
+from solopo.api import build_config
 from solopo.backends import Generation
-from solopo.pipeline.config import build_config
 from solopo.pipeline.io import read_json, write_parquet
 from solopo.pipeline.runner import Pipeline
 from solopo.prompts import render_document, render_prompt

@@ -184,7 +184,7 @@ def test_limit_keeps_first_good_records():
 
 
 def test_load_config_validation():
-    from solopo.pipeline.config import build_config
+    from solopo.api import build_config
 
     cfg = build_config(overrides=["load.source=musique-dev-sample", "load.limit=5"])
     assert cfg.load.source == "musique-dev-sample" and cfg.load.limit == 5

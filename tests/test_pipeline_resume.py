@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
+from solopo.api import build_config
 from solopo.datasets.base import DATA_DIR
-from solopo.pipeline import Pipeline, build_config, load_manifest, load_output
+from solopo.pipeline import Pipeline, load_manifest, load_output
 from solopo.stages import chain
 from solopo.stages.synth import SynthStage
 

@@ -160,7 +160,7 @@ def test_chain_check_reports_missing_columns_before_running(tmp_path):
 
 
 def test_missing_upstream_output_is_a_clear_error(tmp_path):
-    from solopo.pipeline.config import build_config
+    from solopo.api import build_config
     from solopo.stages import chain
 
     config = build_config(overrides={"run": {"run_dir": str(tmp_path / "run")}})

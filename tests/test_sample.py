@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 
 import solopo.backends as backends
+from solopo.api import build_config
 from solopo.backends import Generation, TransformersBackend, get_backend
-from solopo.pipeline.config import build_config
 from solopo.pipeline.errors import DataError, MissingDependencyError
 from solopo.pipeline.io import read_json, read_parquet, write_parquet
 from solopo.pipeline.runner import Pipeline

@@ -152,7 +152,8 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
 def write_export_chain(run_dir: Path, overrides: list[str]) -> None:
     """Mark load..select as finished and write export's table, with the executor's own keys, so that
     `solopo train` finds a valid _SUCCESS chain and runs only the train stage."""
-    from solopo.pipeline.config import build_config, config_to_dict
+    from solopo.api import build_config
+    from solopo.pipeline.config import config_to_dict
     from solopo.pipeline.io import stable_hash, write_json, write_parquet
     from solopo.pipeline.runner import Pipeline
     from solopo.stages import chain

@@ -114,7 +114,7 @@ def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
     which the module's `engine` would need (the stages create, use and close one engine at a time)."""
     import pyarrow as pa
 
-    from solopo.pipeline.config import build_config
+    from solopo.api import build_config
     from solopo.pipeline.io import read_json, read_parquet, write_parquet
     from solopo.pipeline.runner import Pipeline
     from solopo.stages.sample import SampleStage

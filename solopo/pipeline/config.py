@@ -73,7 +73,8 @@ class RunSettings(StageConfig):
     preset: str | None = None
 
 
-# name -> stage config class, filled by solopo.stages at import (each stage registers its own config).
+# name -> stage config class. The core imports no stage: whoever imports `solopo.stages` (the CLI, `solopo.api`)
+# fills this registry, each stage registering its own section.
 _SECTIONS: dict[str, type[StageConfig]] = {}
 
 
@@ -82,8 +83,11 @@ def register_section(name: str, cls: type[StageConfig]) -> None:
 
 
 def sections() -> dict[str, type[StageConfig]]:
-    from solopo import stages  # noqa: F401  (importing registers every stage's config)
-
+    if not _SECTIONS:
+        raise ConfigError(
+            ["no stage is registered: import solopo.stages first (or use solopo.api.build_config)"],
+            source="solopo.pipeline.config",
+        )
     return dict(_SECTIONS)
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 from .config import config_to_dict, dump_config
 from .errors import ConfigError, SolopoError
 from .io import read_json, read_parquet, stable_hash, write_json, write_parquet, write_text
-from .stage import Stage, StageContext
+from .stage import STAGES, Stage, StageContext
 
 log = logging.getLogger("solopo")
 
@@ -94,8 +94,6 @@ class Pipeline:
             raise ConfigError(problems, source="pipeline chain")
 
     def _known_stages(self) -> dict[str, type[Stage]]:
-        from solopo.stages import STAGES
-
         return {**STAGES, **{c.name: c for c in self.stage_classes}}
 
     # --- running ------------------------------------------------------------------------------

@@ -115,3 +115,12 @@ class Stage:
     def finalize(self, table: pa.Table) -> pa.Table:
         """Called once on the concatenated output of all shards (plots, summaries). Default: no change."""
         return table
+
+
+# name -> stage class, filled by `solopo.stages` at import (the core itself imports no stage).
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    STAGES[cls.name] = cls
+    return cls

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from solopo.pipeline.config import register_section
-from solopo.pipeline.stage import Stage
+from solopo.pipeline.stage import STAGES, Stage, register_stage
 
-STAGES: dict[str, type[Stage]] = {}
 ORDER = ("load", "synth", "sample", "select", "export", "train", "eval")
 
 
 def register(cls: type[Stage]) -> type[Stage]:
     """Class decorator: make a stage known to the pipeline and its config section to the config."""
-    STAGES[cls.name] = cls
+    register_stage(cls)
     register_section(cls.name, cls.Config)
     return cls
 
