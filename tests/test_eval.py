@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from solopo.api import build_config
 from solopo.backends import Generation, render_chat_ids
 from solopo.metrics import normalize_answer
-from solopo.pipeline.config import build_config
 from solopo.pipeline.runner import Pipeline
 from solopo.stages.evaluate import NA_CONTEXT, CompareEvalStage, format_cell, summarize
 

@@ -15,7 +15,7 @@ import torch
 from conftest import SHARED
 from test_train import export_rows, run
 
-from solopo.pipeline.config import build_config
+from solopo.api import build_config
 from solopo.pipeline.errors import ConfigError
 from solopo.training.loop.trainer import TrainingError, disable_dropout, step_health
 
