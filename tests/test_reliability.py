@@ -320,6 +320,32 @@ def test_second_writer_fails_at_once_naming_the_holder_and_a_killed_holder_frees
     assert third.returncode == 2 and "no such file" in third.stderr and "in use" not in third.stderr
 
 
+FORKING_HOLDER = """
+import os, sys, time
+from solopo.pipeline.lock import run_dir_lock
+with run_dir_lock(sys.argv[1], command="forking-holder"):
+    if os.fork() == 0:  # the child shares the flock, like a worker process of a run
+        print(os.getpid(), flush=True)
+        time.sleep(120)
+        os._exit(0)
+    os._exit(0)  # the parent dies first, as if killed
+"""
+
+
+def test_lock_held_by_an_orphaned_child_says_so(tmp_path):
+    rd = tmp_path / "run"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKING_HOLDER, str(rd)], stdout=subprocess.PIPE, text=True, env=sub_env()
+    )
+    child = int(parent.stdout.readline().strip())
+    parent.wait(timeout=60)
+    try:
+        code, out = cli("synth", "--run-dir", str(rd))
+        assert code == 2 and "forking-holder" in out and "that PID is gone" in out and "fuser -v" in out
+    finally:
+        os.kill(child, 9)
+
+
 def test_lock_is_reentrant_in_one_process(tmp_path):
     with run_dir_lock(tmp_path / "run", command="outer"):
         Pipeline([Src], toy(tmp_path)).run()  # Pipeline.run takes it again

@@ -51,7 +51,18 @@ def _holder(path: Path) -> str:
         text = path.read_text(errors="replace").strip()
     except OSError:
         text = ""
-    return text or "a process that has not written its PID yet"
+    if not text:
+        return "a process that has not written its PID yet"
+    words = text.split()
+    if len(words) > 1 and words[0] == "pid" and words[1].isdigit():
+        try:
+            os.kill(int(words[1]), 0)
+        except ProcessLookupError:
+            # flock is shared with forked children: a worker of a killed run can outlive it.
+            return f"{text}; that PID is gone, so a child process it started still holds it: `fuser -v {path}`"
+        except PermissionError:
+            pass
+    return text
 
 
 @contextlib.contextmanager
