@@ -141,6 +141,13 @@ def test_manifest_records_outputs_and_skip_verifies_them(tmp_path, caplog):
     assert out["mul"] == "ran" and "data.parquet is missing" in text
     out, text = damage_then_run(lambda: (rd / "mul" / "manifest.json").write_text('{"stage": '))
     assert out["mul"] == "ran" and "manifest.json is unreadable" in text
+
+    def other_key():
+        m = json.loads((rd / "mul" / "manifest.json").read_text())
+        (rd / "mul" / "manifest.json").write_text(json.dumps({**m, "key": "0" * 64}))
+
+    out, text = damage_then_run(other_key)
+    assert out["mul"] == "ran" and "keys differ" in text
     assert statuses(Pipeline([Src, Mul], toy(tmp_path)).run()) == {"src": "cached", "mul": "cached"}
 
 
