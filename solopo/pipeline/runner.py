@@ -66,7 +66,8 @@ def load_output(run_dir: str | Path, name: str) -> pa.Table:
     d = stage_dir(run_dir, name)
     if not (d / "_SUCCESS").exists():
         raise SolopoError(f"stage '{name}' has not finished in {run_dir}; run it first (e.g. `solopo run-all`)")
-    problem = verify_outputs(d, only="data.parquet")
+    # An upstream dir without a manifest (made by hand, or by a test) is read if its table is readable.
+    problem = verify_outputs(d, only="data.parquet", require_manifest=False)
     if problem:
         raise SolopoError(f"the output of stage '{name}' is damaged: {problem}; rerun the command to rebuild it")
     return read_parquet(d / "data.parquet")
@@ -113,10 +114,14 @@ def record_outputs(out_dir: Path, since: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def verify_outputs(out_dir: Path, only: str | None = None, quick: bool = False) -> str | None:
+def verify_outputs(
+    out_dir: Path, only: str | None = None, quick: bool = False, require_manifest: bool = True
+) -> str | None:
     """None when the finished stage in out_dir is intact, else the first problem found. `quick` compares
     sizes only (for `solopo status`); `only` checks one recorded file."""
     m, problem = read_manifest(out_dir)
+    if problem and not require_manifest and not (out_dir / "manifest.json").exists():
+        m, problem = {}, None
     if problem:
         return problem
     marker = out_dir / "_SUCCESS"
