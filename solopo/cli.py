@@ -46,12 +46,15 @@ DataOpt = Annotated[
 TargetLenOpt = Annotated[
     str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")
 ]
-LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning.")]
+LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
+_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _setup_logging(level: str) -> None:
+    if level.lower() not in _LEVELS:
+        raise SolopoError(f"--log-level {level!r}: unknown level; use one of {', '.join(_LEVELS)}")
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname).1s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -82,12 +85,27 @@ def _config(config: Path | None, sets: dict[str, Any] | list[str], preset: str |
     return build_config(config, sets, preset=preset)
 
 
+def _check_force(force: list[str] | None, stages: list[str]) -> tuple[str, ...]:
+    """--force names must be stages of this command (or 'all'): a typo must not silently use the cache."""
+    bad = [f for f in force or [] if f not in (*stages, "all")]
+    if bad:
+        from solopo.pipeline.errors import ConfigError
+
+        raise ConfigError(
+            [f"--force {b}: not a stage of this command; use one of {', '.join(stages)} or all" for b in bad]
+        )
+    return tuple(force or ())
+
+
 def _run(until: str, config, force: list[str] | None, start: str = "load") -> dict[str, dict[str, Any]]:
+    from solopo.pipeline.lock import run_dir_lock
     from solopo.pipeline.runner import Pipeline
     from solopo.stages import chain
 
-    pipe = Pipeline(chain(until, start=start), config)
-    return pipe.run(force=tuple(force or ()))
+    stages = chain(until, start=start)
+    forced = _check_force(force, [c.name for c in stages])
+    with run_dir_lock(config.run.run_dir):  # one writer per run dir, for the whole command
+        return Pipeline(stages, config).run(force=forced)
 
 
 def _print_summary(summaries: dict[str, dict[str, Any]], run_dir: str) -> None:
@@ -109,6 +127,17 @@ def _guard(fn):
         except SolopoError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except OSError as e:  # a full or read-only disk anywhere (checkpoints, engines): a message, not a trace
+            from solopo.pipeline.io import storage_error
+
+            err = storage_error(e, getattr(e, "filename", None) or "a file")
+            if err is None:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except EOFError as e:
+            # click reports EOFError as a user abort ("Aborted."); a real one is a bug to show in full.
+            raise RuntimeError(f"unexpected end of input: {e}") from e
 
     return wrapper
 
@@ -315,6 +344,8 @@ def eval_(
     from solopo.stages.evaluate import CompareEvalStage
 
     _setup_logging(log_level)
+    _check_model_specs(model)
+    forced = _check_force(force, ["eval"])
     include_base = base or not model
     sets = _overrides(
         set_,
@@ -336,7 +367,10 @@ def eval_(
     if from_run is not None:
         sets = _with_run_settings(from_run, sets)
     cfg = _config(config, sets, preset)
-    summaries = Pipeline([CompareEvalStage], cfg).run(force=tuple(force or ()))
+    from solopo.pipeline.lock import run_dir_lock
+
+    with run_dir_lock(cfg.run.run_dir):
+        summaries = Pipeline([CompareEvalStage], cfg).run(force=forced)
     _print_summary(summaries, cfg.run.run_dir)
     typer.echo("\n" + (Path(cfg.run.run_dir) / "eval" / "report.md").read_text())
 
@@ -362,6 +396,28 @@ def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
     return _deep_merge(base, sets)
 
 
+def _check_model_specs(specs: list[str] | None) -> None:
+    """-m label=path | existing path | owner/name hub id; anything else is a mistake (e.g. a bare label)."""
+    from solopo.datasets.base import is_hub_id
+    from solopo.pipeline.errors import ConfigError
+
+    problems = []
+    for spec in specs or []:
+        if "=" in spec:
+            label, path = (x.strip() for x in spec.split("=", 1))
+            if not label:
+                problems.append(f"-m {spec!r}: empty label; write label=path, e.g. -m trained={path or 'DIR'}")
+            if not path:
+                problems.append(f"-m {spec!r}: empty path; write label=path")
+        elif not Path(spec).expanduser().exists() and not is_hub_id(spec):
+            problems.append(
+                f"-m {spec!r}: no such directory and not an owner/name hub id; "
+                "give a checkpoint dir, label=path, or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct"
+            )
+    if problems:
+        raise ConfigError(problems, source="--model")
+
+
 @app.command()
 @_guard
 def status(
@@ -370,26 +426,34 @@ def status(
     run_dir: RunDirOpt = None,
     preset: PresetOpt = None,
 ) -> None:
-    """Show which stages of a run directory are finished, with rows, drops and time."""
-    from solopo.pipeline.runner import load_manifest, stage_dir
+    """Show which stages of a run directory are done, stale (config or input changed), damaged or partial."""
+    from solopo.pipeline.runner import stage_status
     from solopo.stages import ORDER
 
-    cfg = _config(config, _overrides(set_, **{"run.run_dir": run_dir}), preset)
-    rd = cfg.run.run_dir
-    typer.echo(f"run dir: {rd}")
+    overrides = _overrides(set_, **{"run.run_dir": run_dir})
+    rd = Path(run_dir or overrides.get("run", {}).get("run_dir") or _config(config, overrides, preset).run.run_dir)
+    saved = rd / "config.yaml"
+    if config is None and preset is None and not set_ and saved.is_file():
+        # No config given: compare with the one the last command in this run dir used.
+        config, source = saved, f"{saved} (the last command's config)"
+    else:
+        source = "the given config" if (config or preset or set_) else "the defaults"
+    try:
+        cfg = _config(config, overrides, preset)
+    except SolopoError as e:
+        if config != saved:
+            raise
+        cfg, source = _config(None, overrides, None), f"the defaults ({saved} is unusable: {e})"
+    typer.echo(f"run dir: {rd}  (configs compared with {source})")
     for name in ORDER:
-        d = stage_dir(rd, name)
-        if (d / "_SUCCESS").exists():
-            m = load_manifest(rd, name)
-            drops = sum(m.get("drops", {}).values())
-            typer.echo(
-                f"  {name:<7} done     rows={m['rows_out']:<6} dropped={drops:<5} {m['timings']['seconds']:.1f}s"
-            )
-        elif (d / "shards").exists():
-            n = len(list((d / "shards").glob("part-*.json")))
-            typer.echo(f"  {name:<7} partial  {n} shard(s) finished; rerun the command to resume")
-        else:
-            typer.echo(f"  {name:<7} -")
+        st = stage_status(rd, name, cfg)
+        m = st.get("manifest") or {}
+        line = f"  {name:<7} {st['state']:<8}"
+        if st["state"] in ("done", "stale"):
+            drops = sum((m.get("drops") or {}).values())
+            secs = (m.get("timings") or {}).get("seconds", 0.0)
+            line += f" rows={m.get('rows_out', '?')!s:<6} dropped={drops:<5} {secs:.1f}s"
+        typer.echo((line + (f"  {st['detail']}" if st["detail"] else "")).rstrip())
 
 
 @config_app.command("show")

@@ -118,7 +118,66 @@ def resolve_model(model: str | None) -> str:
         return str(p.resolve())
     if model.startswith((".", "/", "~")):
         raise SolopoError(f"--model {model}: no such directory")
-    return model  # a hub id; transformers/vLLM resolve it (offline machines need it in the HF cache)
+    check_hub_model(model)
+    return model  # a hub id in the HF cache or on a reachable hub; transformers/vLLM resolve it
+
+
+_HUB_OK: set[str] = set()  # hub ids found loadable in this process
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_model(repo_id: str, timeout: float = 5.0) -> None:
+    """Fail fast, with what to do, for a hub id that cannot be loaded: transformers would retry the hub for
+    about a minute and then raise a bare OSError. In the HF cache -> fine; offline -> error at once;
+    else one short request to the hub."""
+    if repo_id in _HUB_OK:
+        return
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    how = (
+        "download it where there is network (`hf download ID --local-dir DIR`) and pass --model DIR, "
+        "or copy it into the Hugging Face cache (HF_HOME) of this machine"
+    ).replace("ID", repo_id)
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            _HUB_OK.add(repo_id)
+            return
+    except HFValidationError:
+        raise SolopoError(f"--model {repo_id}: not a local directory nor a valid hub id; {how}") from None
+    if _offline():
+        raise SolopoError(f"--model {repo_id}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {how}")
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise SolopoError(
+            f"--model {repo_id}: the hub has no such (public) model ({type(e).__name__}); check the id, log in "
+            f"with `hf auth login` for a private/gated one, or {how}"
+        ) from None
+    except Exception as e:  # network: DNS, refused, timeout, proxy; one attempt is enough to know
+        raise SolopoError(
+            f"--model {repo_id}: not in the local Hugging Face cache and the hub is unreachable "
+            f"({type(e).__name__}: {str(e)[:200]}); {how}"
+        ) from None
+    _HUB_OK.add(repo_id)
+
+
+def model_context_limit(model_path: str) -> int | None:
+    """The model's context length from its config (max_position_embeddings), or None if it has none."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - a limit we cannot read is no limit to warn about
+        return None
+    cfg = getattr(cfg, "text_config", None) or cfg
+    limit = getattr(cfg, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 def build_tiny_model(out: str | Path, num_layers: int = 2, hidden_size: int = 64, seed: int = 0) -> Path:
@@ -163,7 +222,9 @@ def build_tiny_model(out: str | Path, num_layers: int = 2, hidden_size: int = 64
 __all__ = [
     "build_tiny_model",
     "cache_dir",
+    "check_hub_model",
     "embedded_model_dir",
+    "model_context_limit",
     "prepare_embedded_model",
     "prepare_tokenizer",
     "resolve_model",

@@ -12,6 +12,7 @@ import gzip
 import json
 import re
 import string
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -182,22 +183,52 @@ class _Raw:
     line: int | None
     raw: dict[str, Any] | None
     error: str | None = None
+    reason: str = "malformed"
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return (
+        f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at column {e.start + 1} "
+        "(Latin-1/cp1252? convert the file with `iconv -f latin1 -t utf-8`)"
+    )
 
 
 def _iter_file(path: Path) -> Iterator[_Raw]:
-    """JSON lines (one record per line, .gz ok) or one JSON list (HotpotQA's official format)."""
-    with _open_text(path) as f:
+    """JSON lines (one record per line, .gz ok) or one JSON list (HotpotQA's official format).
+    A binary, truncated or corrupt file is a DataError; a line that is not UTF-8 is one bad record."""
+    try:
+        yield from _read_file(path)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(
+            f"truncated or corrupt gzip file ({e})",
+            path=str(path),
+            hint=f"the download or copy was probably cut short: fetch it again (`gzip -t {path}` checks a file)",
+        ) from None
+    except PermissionError as e:
+        raise DataError(f"cannot read the file ({e.strerror})", path=str(path), hint="fix its permissions") from None
+
+
+def _read_file(path: Path) -> Iterator[_Raw]:
+    with _open_bytes(path) as f:
         head = f.read(4096)
-    if head.lstrip().startswith("["):
+    if b"\x00" in head or (path.suffix != ".gz" and head[:2] == b"\x1f\x8b"):
+        what = "gzip-compressed data: name it .gz" if head[:2] == b"\x1f\x8b" else "a binary file (NUL bytes)"
+        raise DataError(
+            f"looks like {what}, not JSON text",
+            path=str(path),
+            hint="load.source must be a .jsonl, .jsonl.gz or .json file of QA records",
+        )
+    if head.lstrip().startswith(b"["):
         try:
-            with _open_text(path) as f:
-                data = json.load(f)
+            with _open_bytes(path) as f:
+                blob = f.read()
+            data = json.loads(blob.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(_not_utf8(e), path=str(path), line=blob.count(b"\n", 0, e.start) + 1) from None
         except json.JSONDecodeError as e:
             raise DataError(
                 f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
@@ -215,8 +246,13 @@ def _iter_file(path: Path) -> Iterator[_Raw]:
                 None if ok else f"record #{i} is a {type(raw).__name__}, not an object",
             )
         return
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with _open_bytes(path) as f:
+        for lineno, raw_line in enumerate(f, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield _Raw(f"{path}:{lineno}", str(path), lineno, None, _not_utf8(e), reason="not_utf8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -351,7 +387,7 @@ def load_records(
         if limit is not None and len(out) >= limit:
             break
         if item.raw is None:
-            bad(item, "malformed", item.error or "unreadable record")
+            bad(item, item.reason, item.error or "unreadable record")
             continue
         if answerable_only and not loader.is_answerable(item.raw):
             if drop is not None:

@@ -122,7 +122,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError([f"config file not found: {path}"])
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"]
+        ) from None
     try:
         if path.suffix in (".toml",):
             data = tomllib.loads(text)
@@ -132,6 +137,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError([f"cannot parse {path}: {e}"], source=str(path)) from e
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections (run, load, synth, ...)"])
+    scalars = [
+        f"{k}: must be a section of keys (`{k}:` then indented `key: value` lines), got {v!r}"
+        for k, v in data.items()
+        if not isinstance(v, dict)
+    ]
+    if scalars:
+        raise ConfigError(scalars, source=str(path))
     return data
 
 

@@ -49,3 +49,7 @@ class MissingDependencyError(SolopoError):
         self.package, self.install = package, install
         why = f" {why}" if why else ""
         super().__init__(f"'{package}' is not installed.{why} Install it with: {install}")
+
+
+class RunDirError(SolopoError):
+    """The run directory cannot be used: not a directory, not writable, full, or held by another run."""

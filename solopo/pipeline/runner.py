@@ -9,12 +9,16 @@ Layout of a run directory:
     run_dir/<stage>/artifacts...            whatever else the stage writes (plots, models)
 
 A stage is skipped when its _SUCCESS key equals the key computed from its version, config, extra
-fingerprint and the upstream key; any change reruns it and (through the key chain) everything after it.
+fingerprint and the upstream key, and every file its manifest records (size and sha256; data.parquet
+hashed whole) is still as it was written; any change reruns it and (through the key chain) everything
+after it. A damaged output (missing, truncated, edited, unreadable manifest) reruns its stage with a
+warning, and the stages after it too. One process at a time writes a run dir (solopo.pipeline.lock).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import shutil
@@ -29,7 +33,8 @@ import pyarrow as pa
 
 from .config import config_to_dict, dump_config
 from .errors import ConfigError, SolopoError
-from .io import read_json, read_parquet, stable_hash, write_json, write_parquet, write_text
+from .io import check_output, output_record, read_json, read_parquet, stable_hash, write_json, write_parquet, write_text
+from .lock import run_dir_lock
 from .stage import STAGES, Stage, StageContext
 
 log = logging.getLogger("solopo")
@@ -56,14 +61,132 @@ def is_done(run_dir: str | Path, name: str) -> bool:
 
 
 def load_output(run_dir: str | Path, name: str) -> pa.Table:
+    """A finished stage's table, after checking it against its manifest (a damaged file is an error here:
+    the executor reruns damaged stages before anything reads them)."""
     d = stage_dir(run_dir, name)
     if not (d / "_SUCCESS").exists():
         raise SolopoError(f"stage '{name}' has not finished in {run_dir}; run it first (e.g. `solopo run-all`)")
+    # An upstream dir without a manifest (made by hand, or by a test) is read if its table is readable.
+    problem = verify_outputs(d, only="data.parquet", require_manifest=False)
+    if problem:
+        raise SolopoError(f"the output of stage '{name}' is damaged: {problem}; rerun the command to rebuild it")
     return read_parquet(d / "data.parquet")
 
 
 def load_manifest(run_dir: str | Path, name: str) -> dict[str, Any]:
     return read_json(stage_dir(run_dir, name) / "manifest.json")
+
+
+def read_manifest(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None), or (None, what is wrong with it): never raises on a damaged file."""
+    path = out_dir / "manifest.json"
+    try:
+        m = read_json(path)
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{path} is unreadable ({type(e).__name__}: {e})"
+    if not isinstance(m, dict):
+        return None, f"{path} does not hold a JSON object"
+    return m, None
+
+
+# Not recorded as outputs: resumable work in progress and caches a stage keys and checks itself.
+_UNRECORDED_DIRS = ("shards", "ref_logps")
+
+
+def record_outputs(out_dir: Path, since: float) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of data.parquet and of every other file the stage wrote in this run (mtime >= its
+    start): plots, cards, views, the trained model. Older files in the dir (another config's model) and
+    checkpoints are not outputs of this run."""
+    out: dict[str, dict[str, Any]] = {"data.parquet": output_record(out_dir / "data.parquet", full=True)}
+    for p in sorted(out_dir.rglob("*")):
+        rel = p.relative_to(out_dir)
+        if (
+            not p.is_file()
+            or rel.as_posix() in ("data.parquet", "manifest.json", "_SUCCESS")
+            or any(part.startswith(".") or part.endswith(".checkpoints") for part in rel.parts)
+            or rel.parts[0] in _UNRECORDED_DIRS
+            or p.stat().st_mtime < since - 1
+        ):
+            continue
+        out[rel.as_posix()] = output_record(p)
+    return out
+
+
+def verify_outputs(
+    out_dir: Path, only: str | None = None, quick: bool = False, require_manifest: bool = True
+) -> str | None:
+    """None when the finished stage in out_dir is intact, else the first problem found. `quick` compares
+    sizes only (for `solopo status`); `only` checks one recorded file."""
+    m, problem = read_manifest(out_dir)
+    if problem and not require_manifest and not (out_dir / "manifest.json").exists():
+        m, problem = {}, None
+    if problem:
+        return problem
+    marker = out_dir / "_SUCCESS"
+    if "key" in m and marker.exists() and marker.read_text().strip() != m["key"]:
+        return f"{out_dir / 'manifest.json'} belongs to another run than {marker} (keys differ)"
+    outputs = m.get("outputs")
+    if not isinstance(outputs, dict):  # a manifest written before output records: at least a readable table
+        data = out_dir / "data.parquet"
+        try:
+            import pyarrow.parquet as pq
+
+            pq.read_metadata(data)
+        except (OSError, pa.ArrowException) as e:
+            return f"{data} is unreadable ({e})"
+        return None
+    for rel, rec in outputs.items():
+        if only is not None and rel != only:
+            continue
+        path = out_dir / rel
+        if quick:
+            if not path.is_file():
+                return f"{path} is missing"
+            if path.stat().st_size != rec.get("bytes"):
+                return f"{path} has {path.stat().st_size} bytes, the manifest recorded {rec.get('bytes')}"
+            continue
+        problem = check_output(path, rec)
+        if problem:
+            return problem
+    return None
+
+
+def stage_status(run_dir: str | Path, name: str, config: Any | None = None) -> dict[str, Any]:
+    """What `solopo status` shows for one stage: state in done | stale | damaged | partial | -, a detail,
+    and the manifest. stale: the stage's config differs from `config`, or its input is no longer the
+    output it was built from (an upstream stage reran). Model/file fingerprints are not recomputed here."""
+    d = stage_dir(run_dir, name)
+    marker = d / "_SUCCESS"
+    if not marker.exists():
+        if (d / "shards").exists():
+            n = len(list((d / "shards").glob("part-*.json")))
+            return {"state": "partial", "detail": f"{n} shard(s) finished; rerun the command to resume"}
+        return {"state": "-", "detail": ""}
+    problem = verify_outputs(d, quick=True)
+    m, _ = read_manifest(d)
+    if problem or m is None:
+        return {"state": "damaged", "detail": f"{problem}; the next run reruns it"}
+    up = m.get("upstream") or {}
+    if up.get("stage"):
+        up_marker = stage_dir(run_dir, up["stage"]) / "_SUCCESS"
+        if not up_marker.exists():
+            return {"state": "stale", "detail": f"its input stage '{up['stage']}' is gone", "manifest": m}
+        if up_marker.read_text().strip() != up.get("key"):
+            return {"state": "stale", "detail": f"'{up['stage']}' reran since; rerun to update", "manifest": m}
+    if config is not None and hasattr(config, name):
+        from .config import config_to_dict
+
+        now = config_to_dict(getattr(config, name))
+        was = m.get("config") or {}
+        changed = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
+        run = m.get("run") or {}
+        changed += [f"run.{k}" for k in ("model", "seed") if run.get(k) != getattr(config.run, k)]
+        if changed:
+            keys = ", ".join(c if c.startswith("run.") else f"{name}.{c}" for c in changed)
+            return {"state": "stale", "detail": f"config changed: {keys}", "manifest": m}
+    return {"state": "done", "detail": "", "manifest": m}
 
 
 class Pipeline:
@@ -98,15 +221,22 @@ class Pipeline:
 
     # --- running ------------------------------------------------------------------------------
     def run(self, force: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-        """Run every stage in order; returns {stage: summary}."""
+        """Run every stage in order, holding the run dir's lock; returns {stage: summary}."""
         self.check_chain()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(dump_config(self.config), self.run_dir / "config.yaml")
-        summaries: dict[str, dict[str, Any]] = {}
-        keys: dict[str, str] = {}
-        for cls in self.stage_classes:
-            summaries[cls.name] = self._run_stage(cls, keys, force=cls.name in force or "all" in force)
-        return summaries
+        with run_dir_lock(self.run_dir):
+            write_text(dump_config(self.config), self.run_dir / "config.yaml")
+            summaries: dict[str, dict[str, Any]] = {}
+            keys: dict[str, str] = {}
+            rebuilt: str | None = None  # a stage whose damaged output was rebuilt: what follows is rebuilt too
+            for cls in self.stage_classes:
+                forced = cls.name in force or "all" in force
+                if rebuilt is not None and not forced:
+                    log.warning("[%s] rerunning: its input '%s' was rebuilt from a damaged output", cls.name, rebuilt)
+                    forced = True
+                summaries[cls.name] = self._run_stage(cls, keys, force=forced)
+                if summaries[cls.name].get("repaired"):
+                    rebuilt = cls.name
+            return summaries
 
     def _upstream_key(self, cls: type[Stage], keys: dict[str, str]) -> str | None:
         if cls.after is None:
@@ -144,12 +274,17 @@ class Pipeline:
         )
         keys[cls.name] = key
         marker = out_dir / "_SUCCESS"
+        repaired = False
         if not force and marker.exists() and marker.read_text().strip() == key:
-            manifest = read_json(out_dir / "manifest.json")
-            log.info("[%s] up to date (key %s), skipping", cls.name, key[:12])
-            return {"status": "cached", "rows": manifest.get("rows_out"), "seconds": 0.0, "dir": str(out_dir)}
+            problem = verify_outputs(out_dir)
+            if problem is None:
+                manifest = read_json(out_dir / "manifest.json")
+                log.info("[%s] up to date (key %s), skipping", cls.name, key[:12])
+                return {"status": "cached", "rows": manifest.get("rows_out"), "seconds": 0.0, "dir": str(out_dir)}
+            log.warning("[%s] cached output is damaged (%s): rerunning the stage", cls.name, problem)
+            repaired = True
         if marker.exists():
-            marker.unlink()  # stale: the output no longer matches the config
+            marker.unlink()  # stale or damaged: the output no longer matches the config
         out_dir.mkdir(parents=True, exist_ok=True)
 
         data = None
@@ -192,6 +327,7 @@ class Pipeline:
             "timings": {"started": t0, "finished": time.time(), "seconds": round(seconds, 3)},
             "libraries": library_versions(),
             "columns": table.column_names,
+            "outputs": record_outputs(out_dir, since=t0),
         }
         write_json(manifest, out_dir / "manifest.json")
         write_text(key + "\n", marker)
@@ -204,7 +340,13 @@ class Pipeline:
             f", {dropped} dropped ({dict(ctx.drops)})" if dropped else "",
             seconds,
         )
-        return {"status": "ran", "rows": table.num_rows, "seconds": round(seconds, 2), "dir": str(out_dir)}
+        return {
+            "status": "ran",
+            "rows": table.num_rows,
+            "seconds": round(seconds, 2),
+            "dir": str(out_dir),
+            "repaired": repaired,
+        }
 
     def _run_shards(
         self, stage: Stage, data: pa.Table | None, key: str, out_dir: Path

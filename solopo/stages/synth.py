@@ -637,9 +637,18 @@ class SynthStage(Stage):
     def setup(self) -> None:
         from transformers import AutoTokenizer
 
+        from solopo.models import model_context_limit
         from solopo.pipeline.runner import load_output
 
         tok = AutoTokenizer.from_pretrained(self._model_path(), trust_remote_code=self.ctx.run.trust_remote_code)
+        limit = model_context_limit(self._model_path())
+        over = [t for t in self.config.target_len if limit is not None and t > limit]
+        if over:
+            self.ctx.note(
+                f"synth.target_len {over} exceeds the model's context limit of {limit} tokens "
+                f"(max_position_embeddings of {self._model_path()}): sampling and training drop or cannot use "
+                "those prompts; use a long-context model or lengths <= the limit"
+            )
         # The pool is the whole load output, whatever the shard: contexts do not depend on sharding.
         pool = load_output(self.ctx.run.run_dir, "load")
         self.builder = ContextBuilder(tok, self.config, seed=self.ctx.run.seed, pool=pool)
