@@ -5,6 +5,7 @@ keeps failing with its own error; bad addresses and layouts fail with a message.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -32,9 +33,12 @@ def local_ray():
     import logging
 
     if importlib.util.find_spec("vllm") is not None:
-        from test_vllm import _cpu_engine_env
+        from solopo.hardware import vllm_cpu_env
 
-        _cpu_engine_env()  # before ray.init: the replicas inherit the environment of the Ray it starts
+        # Before ray.init: the replicas inherit the environment of the Ray it starts (in-process engines, as in
+        # tests/test_vllm.py, and the CPU settings the backend would otherwise set in each replica).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm_cpu_env()
 
     ray.init(
         num_cpus=2,
