@@ -24,7 +24,7 @@ def test_packed_row_layout(tokenizer):
     sp = collate_shared(ex, pad_id=2)
     assert sp.input_ids[0].tolist() == e.chosen.prompt + e.chosen.completion + e.rejected.completion
     assert sp.position_ids[0, P + W].item() == P  # the rejected answer continues the prompt
-    m = sp.attention_mask[0, 0]
+    m = sp.dense_mask()[0, 0]
     assert m[P + W, :P].all() and not m[P + W, P : P + W].any() and m[P + W, P + W]  # sees prompt, not chosen
     assert sp.pred_index[0, P + W].item() == P - 1 and sp.pred_index[0, P + 1].item() == P
     assert sp.masks[0][0].sum().item() == W and sp.masks[1][0].sum().item() == L

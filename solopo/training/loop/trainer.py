@@ -40,7 +40,7 @@ from solopo.training.data import (
     length_grouped_batches,
     select_target_len,
 )
-from solopo.training.logprobs import CompletionLogps
+from solopo.training.logprobs import CompletionLogps, Targets, targets_from_masks, use_segment_attention
 from solopo.training.losses import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -279,6 +279,17 @@ class MicroOut:
     tokens: int
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: pinned memory and an async copy on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _targets_to(t: Targets, device: torch.device) -> Targets:
+    return Targets(*(_to(x, device) for x in t))
+
+
 def micro_batch_logps(
     forward,
     examples: list[Example],
@@ -290,25 +301,29 @@ def micro_batch_logps(
 ) -> tuple[Batch, int]:
     """Two forwards: the PO pair and the RA sequences. The pair is either a padded batch of 2b rows (chosen, then
     rejected) or, with `shared_prefix`, b packed rows [prompt, chosen, rejected] (the prompt computed once).
-    Returns the log-probs and the tokens processed."""
+    Returns the log-probs and the tokens processed. Collation and target indexing run on the host (token ids
+    are cached per sequence); nothing here waits for the device."""
     b = len(examples)
     dev = device
     if shared_prefix:
         sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
         outs = forward(
-            sp.input_ids.to(dev),
-            sp.attention_mask.to(dev),
-            [m.to(dev) for m in sp.masks],
-            sp.position_ids.to(dev),
-            sp.pred_index.to(dev),
+            _to(sp.input_ids, dev),
+            None,  # the pattern is in `segments` (no (b, 1, s, s) mask unless the attention is eager)
+            _targets_to(targets_from_masks(sp.masks, sp.pred_index), dev),
+            _to(sp.position_ids, dev),
+            None,
+            sp.segments,
         )
         chosen, rejected = outs[0], outs[1]  # (b,) each
         nll_w = outs[2] if orpo_sequence_nll else None
         tokens = sum(len(e.chosen) + len(e.rejected.completion) for e in examples)
     else:
         pair = [e.chosen for e in examples] + [e.rejected for e in examples]
-        ids, attn, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
-        outs = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])
+        ids, _, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+        # Right padding under causal attention: no real token can see the pads after it, so the padding mask is
+        # dropped (transformers would expand it to a dense (2b, 1, s, s) mask; without it sdpa runs is_causal).
+        outs = forward(_to(ids, dev), None, _targets_to(targets_from_masks(masks), dev))
         comp = outs[0]
         chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
         rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
@@ -317,8 +332,8 @@ def micro_batch_logps(
     long_w = None
     if with_long:
         longs = [e.long_w for e in examples]
-        ids, attn, masks = collate(longs, pad_id)
-        long_w = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])[0]
+        ids, _, masks = collate(longs, pad_id)
+        long_w = forward(_to(ids, dev), None, _targets_to(targets_from_masks(masks), dev))[0]
         tokens += sum(len(s) for s in longs)
     return Batch(chosen=chosen, rejected=rejected, long_w=long_w, nll_w=nll_w), tokens
 
@@ -440,6 +455,8 @@ def train(
     lm.config.use_cache = False
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.shared_prefix and not use_segment_attention(lm):
+        note(f"shared_prefix with {attn} attention builds a dense (b, 1, s, s) mask (O(s^2)); sdpa avoids it")
     # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
     module = CompletionLogps(lm, chunk_size=cfg.logps_chunk, sync_chunks=cfg.deepspeed == "zero3" and world > 1)
     if not use_ds:
@@ -541,7 +558,8 @@ def train(
             batches = length_grouped_batches(lengths, global_batch, seed, epoch)
             step_idx = batches[in_epoch][rank * per_step : (rank + 1) * per_step]
             t0 = time.time()
-            agg = _Agg()
+            agg = _Agg(device)
+            finite = []  # per micro-batch, on the device: read once per step, before the optimizer step
             for m in range(cfg.grad_accum):
                 idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
                 chunk = [examples[i] for i in idx]
@@ -552,14 +570,18 @@ def train(
                     _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
                 out = objective(batch, params)
                 loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
-                if not torch.isfinite(loss):
+                finite.append(torch.isfinite(loss.detach()))
+                boundary = m == cfg.grad_accum - 1
+                if boundary and not bool(torch.stack(finite).all()):  # the step's one host sync, before stepping
+                    bad = int(torch.stack(finite).logical_not().nonzero()[0])
+                    b_idx = step_idx[bad * cfg.micro_batch_size : (bad + 1) * cfg.micro_batch_size]
                     raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {state.step + 1}, micro-batch {m + 1}/{cfg.grad_accum}, "
-                        f"examples {[e.id for e in chunk]}: lower train.lr or train.max_grad_norm, use dtype=fp32, or check "
-                        "these examples"
+                        f"non-finite loss at step {state.step + 1}, micro-batch {bad + 1}/{cfg.grad_accum}, "
+                        f"examples {[examples[i].id for i in b_idx]}: lower train.lr or train.max_grad_norm, use "
+                        "dtype=fp32, or check these examples"
                     )
                 backend.backward(loss)
-                backend.micro_done(boundary=m == cfg.grad_accum - 1)
+                backend.micro_done(boundary=boundary)
                 agg.add(out, tokens)
             state.step += 1
             row = agg.finish(time.time() - t0, device, world)
@@ -644,12 +666,15 @@ def train(
 
 
 class _Agg:
-    """Sums per-example values over a step's micro-batches, then reduces across ranks."""
+    """Sums per-example values over a step's micro-batches on the device (no host sync per micro-batch), then
+    reduces across ranks and reads them once per step."""
 
     KEYS = ("loss", "po_loss", "ra_loss", "reward_chosen", "reward_rejected", "reward_acc", "ra_distance")
 
-    def __init__(self):
-        self.sums = torch.zeros(len(self.KEYS) + 2, dtype=torch.float64)  # + examples, tokens
+    def __init__(self, device: torch.device | None = None):
+        self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=self.device)  # + examples
+        self.tokens = 0  # known on the host
 
     def add(self, out: LossOutput, tokens: int) -> None:
         vals = [
@@ -661,13 +686,14 @@ class _Agg:
             (out.reward_chosen > out.reward_rejected).float(),
             out.ra_distance,
         ]
-        for i, v in enumerate(vals):
-            self.sums[i] += float(v.float().sum())
-        self.sums[-2] += out.loss.shape[0]
-        self.sums[-1] += tokens
+        sums = torch.stack([v.detach().to(torch.float64).sum() for v in vals])  # (7,) on the loss's device
+        self.sums[:-1] += sums.to(self.device)
+        self.sums[-1] += out.loss.shape[0]
+        self.tokens += tokens
 
     def finish(self, seconds: float, device: torch.device, world: int) -> dict[str, float]:
-        s = _all_reduce(self.sums.to(device if device.type == "cuda" else "cpu")).cpu()
+        tok = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
+        s = _all_reduce(torch.cat([self.sums, tok])).cpu()
         mem = _all_reduce(
             torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max"
         )
