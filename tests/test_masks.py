@@ -24,8 +24,17 @@ def _lm(attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(cfg).to(torch.float64), attn  # float64 decoder; the LM head's log-softmax is fp32
 
 
@@ -91,8 +100,9 @@ def test_segment_attention_equals_dense_mask(full_mask):
         if impl == SEGMENT_ATTN:  # segments only: no mask exists anywhere
             res[impl] = _run(lm, lambda m=module: m(sp.input_ids, None, tg, sp.position_ids, None, sp.segments))
         else:  # today's path: the dense (b, 1, s, s) mask
-            res[impl] = _run(lm, lambda m=module: m(sp.input_ids, sp.dense_mask(), sp.masks, sp.position_ids,
-                                                    sp.pred_index))
+            res[impl] = _run(
+                lm, lambda m=module: m(sp.input_ids, sp.dense_mask(), sp.masks, sp.position_ids, sp.pred_index)
+            )
     _assert_same(res["eager"], res["sdpa"])
     _assert_same(res["sdpa"], res[SEGMENT_ATTN])
 

@@ -79,8 +79,9 @@ def segment_sdpa(
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     from torch.nn.attention.bias import causal_lower_right
 
     n_rep = getattr(module, "num_key_value_groups", 1)
@@ -89,13 +90,15 @@ def segment_sdpa(
     for i, (P, W, L) in enumerate(segments):
         a, n = P + W, P + W + L
         q, k, v = query[i : i + 1], key[i : i + 1], value[i : i + 1]  # (1, h, s, d)
-        o1 = F.scaled_dot_product_attention(q[:, :, :a], k[:, :, :a], v[:, :, :a], is_causal=True,
-                                            dropout_p=dropout, scale=scaling)  # (1, h, a, d): prefix + chosen
+        o1 = F.scaled_dot_product_attention(
+            q[:, :, :a], k[:, :, :a], v[:, :, :a], is_causal=True, dropout_p=dropout, scale=scaling
+        )  # (1, h, a, d): prefix + chosen
         k2 = torch.cat([k[:, :, :P], k[:, :, a:n]], dim=2)  # (1, h, P + L, d)
         v2 = torch.cat([v[:, :, :P], v[:, :, a:n]], dim=2)
         # rejected query j sees the prefix and rejected[:j+1]: causal aligned to the bottom-right corner
-        o2 = F.scaled_dot_product_attention(q[:, :, a:n], k2, v2, attn_mask=causal_lower_right(L, P + L),
-                                            dropout_p=dropout, scale=scaling)  # (1, h, L, d)
+        o2 = F.scaled_dot_product_attention(
+            q[:, :, a:n], k2, v2, attn_mask=causal_lower_right(L, P + L), dropout_p=dropout, scale=scaling
+        )  # (1, h, L, d)
         rows.append(torch.cat([o1, o2, v[:, :, n:]], dim=2))  # pads: attend to themselves only (= own value)
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
