@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from torch.profiler import record_function
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet
@@ -100,6 +101,38 @@ def build_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = cfg.max_grad_norm
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     return ds
+
+
+def count_parameters(model_path: str) -> int:
+    """Parameters of the model at `model_path`, from its config on the meta device (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in m.parameters())
+
+
+def resolve_deepspeed(cfg, model_path: str, world: int, dtype: torch.dtype) -> tuple[str, str]:
+    """train.deepspeed=auto -> (none | zero3, why). ZeRO-3 on one GPU only costs time (parameter hooks, gathers
+    per layer), so it is chosen when the plain model + grads + AdamW state would not leave half the GPU for
+    activations, or when there are several ranks (to shard those states). On CPU: plain torch (what works)."""
+    if cfg.deepspeed != "auto":
+        return cfg.deepspeed, ""
+    if cfg.offload != "none":
+        return "zero3", f"train.offload={cfg.offload} needs ZeRO"
+    if not torch.cuda.is_available():
+        return "none", "CPU: plain torch"
+    if world > 1:
+        return "zero3", f"{world} ranks: ZeRO-3 shards weights, grads and optimizer state"
+    n = count_parameters(model_path)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    need = n * itemsize * 4  # weights, grads, AdamW exp_avg and exp_avg_sq (torch keeps them in the param dtype)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    verdict = "zero3" if need > 0.5 * total else "none"
+    return verdict, (
+        f"{n / 1e9:.2f}B parameters need {need / 2**30:.1f} GiB for weights+grads+AdamW in {dtype}; the GPU has "
+        f"{total / 2**30:.0f} GiB: {'over' if verdict == 'zero3' else 'within'} half of it"
+    )
 
 
 # --- distributed ------------------------------------------------------------------------------------------
@@ -306,24 +339,23 @@ def micro_batch_logps(
     b = len(examples)
     dev = device
     if shared_prefix:
-        sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
-        outs = forward(
-            _to(sp.input_ids, dev),
-            None,  # the pattern is in `segments` (no (b, 1, s, s) mask unless the attention is eager)
-            _targets_to(targets_from_masks(sp.masks, sp.pred_index), dev),
-            _to(sp.position_ids, dev),
-            None,
-            sp.segments,
-        )
+        with record_function("solopo.collate"):
+            sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
+            args = (_to(sp.input_ids, dev), _targets_to(targets_from_masks(sp.masks, sp.pred_index), dev))
+            pos = _to(sp.position_ids, dev)
+        # the pattern is in `segments` (no (b, 1, s, s) mask unless the attention is eager)
+        outs = forward(args[0], None, args[1], pos, None, sp.segments)
         chosen, rejected = outs[0], outs[1]  # (b,) each
         nll_w = outs[2] if orpo_sequence_nll else None
         tokens = sum(len(e.chosen) + len(e.rejected.completion) for e in examples)
     else:
         pair = [e.chosen for e in examples] + [e.rejected for e in examples]
-        ids, _, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+        with record_function("solopo.collate"):
+            ids, _, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+            ids, tg = _to(ids, dev), _targets_to(targets_from_masks(masks), dev)
         # Right padding under causal attention: no real token can see the pads after it, so the padding mask is
         # dropped (transformers would expand it to a dense (2b, 1, s, s) mask; without it sdpa runs is_causal).
-        outs = forward(_to(ids, dev), None, _targets_to(targets_from_masks(masks), dev))
+        outs = forward(ids, None, tg)
         comp = outs[0]
         chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
         rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
@@ -332,10 +364,60 @@ def micro_batch_logps(
     long_w = None
     if with_long:
         longs = [e.long_w for e in examples]
-        ids, _, masks = collate(longs, pad_id)
-        long_w = forward(_to(ids, dev), None, _targets_to(targets_from_masks(masks), dev))[0]
+        with record_function("solopo.collate"):
+            ids, _, masks = collate(longs, pad_id)
+            ids, tg = _to(ids, dev), _targets_to(targets_from_masks(masks), dev)
+        long_w = forward(ids, None, tg)[0]
         tokens += sum(len(s) for s in longs)
     return Batch(chosen=chosen, rejected=rejected, long_w=long_w, nll_w=nll_w), tokens
+
+
+def train_step(
+    backend,
+    objective,
+    params: LossParams,
+    examples: list[Example],
+    cfg,
+    pad_id: int,
+    with_long: bool,
+    device: torch.device,
+    ref: dict[str, dict[str, float]] | None = None,
+    step_no: int = 0,
+) -> _Agg:
+    """One optimizer step over this rank's `examples` (micro_batch_size x grad_accum of them), as micro-batches.
+    The hot path: host-side collation, no host sync per micro-batch (metrics summed on the device, the loss's
+    finiteness read once, before the optimizer step). Ranges are labelled for torch.profiler (bench/train)."""
+    agg = _Agg(device)
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    finite = []  # per micro-batch, on the device
+    for m in range(cfg.grad_accum):
+        chunk = examples[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+        with record_function("solopo.forward"):  # collation inside: labelled solopo.collate by micro_batch_logps
+            batch, tokens = micro_batch_logps(
+                backend.forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device, cfg.shared_prefix
+            )
+            if ref is not None:
+                _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
+            out = objective(batch, params)
+            loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
+        finite.append(torch.isfinite(loss.detach()))
+        boundary = m == cfg.grad_accum - 1
+        if boundary:
+            with record_function("solopo.host_sync"):
+                ok = bool(torch.stack(finite).all())  # the step's one read of the losses, before stepping
+            if not ok:
+                bad = int(torch.stack(finite).logical_not().nonzero()[0])
+                ids = [e.id for e in examples[bad * cfg.micro_batch_size : (bad + 1) * cfg.micro_batch_size]]
+                raise TrainingError(
+                    f"non-finite loss at step {step_no}, micro-batch {bad + 1}/{cfg.grad_accum}, examples {ids}: "
+                    "lower train.lr or train.max_grad_norm, use dtype=fp32, or check these examples"
+                )
+        with record_function("solopo.backward"):
+            backend.backward(loss)
+        with record_function("solopo.optimizer" if boundary else "solopo.micro_done"):
+            backend.micro_done(boundary=boundary)
+        agg.add(out, tokens)
+    return agg
 
 
 # --- DPO reference log-probs: computed once before training, cached with the data ---------------------------------
@@ -410,6 +492,12 @@ def train(
         notes.append(msg)
 
     # -- distributed env, dtype, attention
+    ds_choice, ds_why = resolve_deepspeed(cfg, model_path, int(os.environ.get("WORLD_SIZE", 1)), pick_dtype(cfg.dtype))
+    if cfg.deepspeed == "auto":
+        cfg = cfg.model_copy(update={"deepspeed": ds_choice})
+        notes.append(f"train.deepspeed=auto -> {ds_choice} ({ds_why})")  # a choice, recorded (rank not known yet)
+        if ctx is not None:
+            ctx.note(notes[-1])
     use_ds = cfg.deepspeed != "none"
     rank, local_rank, world = init_distributed(use_ds)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -558,31 +646,18 @@ def train(
             batches = length_grouped_batches(lengths, global_batch, seed, epoch)
             step_idx = batches[in_epoch][rank * per_step : (rank + 1) * per_step]
             t0 = time.time()
-            agg = _Agg(device)
-            finite = []  # per micro-batch, on the device: read once per step, before the optimizer step
-            for m in range(cfg.grad_accum):
-                idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
-                chunk = [examples[i] for i in idx]
-                batch, tokens = micro_batch_logps(
-                    forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device, cfg.shared_prefix
-                )
-                if ref is not None:
-                    _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
-                out = objective(batch, params)
-                loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
-                finite.append(torch.isfinite(loss.detach()))
-                boundary = m == cfg.grad_accum - 1
-                if boundary and not bool(torch.stack(finite).all()):  # the step's one host sync, before stepping
-                    bad = int(torch.stack(finite).logical_not().nonzero()[0])
-                    b_idx = step_idx[bad * cfg.micro_batch_size : (bad + 1) * cfg.micro_batch_size]
-                    raise TrainingError(
-                        f"non-finite loss at step {state.step + 1}, micro-batch {bad + 1}/{cfg.grad_accum}, "
-                        f"examples {[examples[i].id for i in b_idx]}: lower train.lr or train.max_grad_norm, use "
-                        "dtype=fp32, or check these examples"
-                    )
-                backend.backward(loss)
-                backend.micro_done(boundary=boundary)
-                agg.add(out, tokens)
+            agg = train_step(
+                backend,
+                objective,
+                params,
+                [examples[i] for i in step_idx],
+                cfg,
+                pad_id,
+                with_long,
+                device,
+                ref,
+                state.step + 1,
+            )
             state.step += 1
             row = agg.finish(time.time() - t0, device, world)
             row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=backend.grad_norm)
