@@ -389,7 +389,7 @@ def train_step(
     finiteness read once, before the optimizer step). Ranges are labelled for torch.profiler (bench/train)."""
     agg = _Agg(device)
     per_step = cfg.micro_batch_size * cfg.grad_accum
-    finite = []  # per micro-batch, on the device
+    losses = []  # per micro-batch, on the device
     for m in range(cfg.grad_accum):
         chunk = examples[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
         with record_function("solopo.forward"):  # collation inside: labelled solopo.collate by micro_batch_logps
@@ -400,16 +400,18 @@ def train_step(
                 _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
             out = objective(batch, params)
             loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
-        finite.append(torch.isfinite(loss.detach()))
+        losses.append(loss.detach())
         boundary = m == cfg.grad_accum - 1
         if boundary:
             with record_function("solopo.host_sync"):
-                ok = bool(torch.stack(finite).all())  # the step's one read of the losses, before stepping
+                finite = torch.isfinite(torch.stack(losses))  # (grad_accum,)
+                ok = bool(finite.all())  # the step's one read of the losses, before stepping
             if not ok:
-                bad = int(torch.stack(finite).logical_not().nonzero()[0])
+                bad = int(finite.logical_not().nonzero()[0])
                 ids = [e.id for e in examples[bad * cfg.micro_batch_size : (bad + 1) * cfg.micro_batch_size]]
                 raise TrainingError(
-                    f"non-finite loss at step {step_no}, micro-batch {bad + 1}/{cfg.grad_accum}, examples {ids}: "
+                    f"non-finite loss ({float(losses[bad])}) at step {step_no}, micro-batch {bad + 1}/{cfg.grad_accum}, "
+                    f"examples {ids}: "
                     "lower train.lr or train.max_grad_norm, use dtype=fp32, or check these examples"
                 )
         with record_function("solopo.backward"):
