@@ -140,3 +140,25 @@ def test_segment_sdpa_without_segments_is_sdpa():
     a, _ = segment_sdpa(mod, q, k, v, None)
     b, _ = sdpa_attention_forward(mod, q, k, v, None)
     torch.testing.assert_close(a, b)
+
+
+def test_segment_path_builds_no_mask(monkeypatch):
+    """The packed row's restarting position_ids look like packed sequences to transformers, which would build a
+    dense (b, 1, s, s) mask for them: under SEGMENT_ATTN the mask builder returns none."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    lm, _ = _lm()
+    lm.config._attn_implementation = "sdpa"
+    assert use_segment_attention(lm)
+    built = []
+    real = ALL_MASK_ATTENTION_FUNCTIONS[SEGMENT_ATTN]
+    monkeypatch.setitem(
+        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping,
+        SEGMENT_ATTN,
+        lambda *a, **k: built.append(real(*a, **k)) or built[-1],
+    )
+    sp = collate_shared(_examples(), pad_id=0)
+    tg = targets_from_masks(sp.masks, sp.pred_index)
+    out = CompletionLogps(lm)(sp.input_ids, None, tg, sp.position_ids, None, sp.segments)
+    assert torch.isfinite(out[0].total).all()
+    assert built and all(m is None for m in built)

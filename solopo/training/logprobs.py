@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from .losses import SeqLogps
@@ -103,13 +104,24 @@ def segment_sdpa(
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
+def _segment_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """Mask builder for SEGMENT_ATTN: no mask when none is given (causal; segment rows carry their own pattern).
+    Without this, transformers reads the shared-prefix row's restarting position_ids as packed sequences and builds
+    a dense (b, 1, s, s) mask that segment_sdpa would not even use."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 def register_segment_attention() -> None:
-    """Make SEGMENT_ATTN a valid `attn_implementation` (masks built as for sdpa when no segments are given)."""
+    """Make SEGMENT_ATTN a valid `attn_implementation` (sdpa when no segments are given)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(SEGMENT_ATTN, segment_sdpa)
-    AttentionMaskInterface.register(SEGMENT_ATTN, sdpa_mask)
+    AttentionMaskInterface.register(SEGMENT_ATTN, _segment_mask)
 
 
 def use_segment_attention(lm: nn.Module) -> bool:
@@ -207,9 +219,10 @@ class CompletionLogps(nn.Module):
             attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
                 ~attention_mask, torch.finfo(dtype).min
             )
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
-        ).last_hidden_state  # (b, s, d)
+        with record_function("solopo.decoder"):  # transformers' own code (bench/train profiles it apart)
+            hidden = decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+            ).last_hidden_state  # (b, s, d)
         t = target_masks if isinstance(target_masks, Targets) else targets_from_masks(target_masks, pred_index)
         h = hidden[t.bi, t.pi]  # (n, d): only the positions that predict a target
         labels = input_ids[t.bi, t.ti]  # (n,)
