@@ -50,7 +50,7 @@ if [[ $DRY == 0 ]]; then
     'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('transformers', transformers.__version__,
     'deepspeed', deepspeed.__version__, 'pydantic', pydantic.__version__)") > "$OUT/env.txt" 2>&1
   SHAPE=qwen2.5-1.5b LENGTHS=8k,16k SHORT=1k COMP=128 CAP=70 START=16k STEP=4k LIMIT=256k
-  SEARCH=long,long-shared,solo-shared TP_STEPS=2
+  SEARCH=long,long-shared,solo-shared TP_STEPS=2 TP_BACKENDS=plain,zero3
   B_TEST=100 B_BENCH=140 B_SEARCH=120 B_DENSE=40 B_TP=60
   TP_SHAPES=qwen2.5-1.5b,embedded TP_LEN=8192 TP_SHORT=1024 TP_COMP=128
 else
@@ -58,7 +58,7 @@ else
   (python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
     transformers.__version__, '(dry run on CPU)')") > "$OUT/env.txt" 2>&1
   SHAPE=qwen2-tiny LENGTHS=256 SHORT=64 COMP=16 CAP=4 START=256 STEP=256 LIMIT=256
-  SEARCH=long-shared TP_STEPS=1
+  SEARCH=long-shared TP_STEPS=1 TP_BACKENDS=plain  # ZeRO on CPU: tests/test_train.py
   B_TEST=120 B_BENCH=300 B_SEARCH=300 B_DENSE=150 B_TP=300
   TP_SHAPES=qwen2-tiny TP_LEN=128 TP_SHORT=32 TP_COMP=8
 fi
@@ -79,7 +79,7 @@ phase search $B_SEARCH python3 bench/train/bench_train.py --shape $SHAPE --modes
 phase search_dense $B_DENSE python3 bench/train/bench_train.py --shape $SHAPE --modes "" --lengths "" \
   --search long --mask dense --cap-gb $CAP --search-start $START --search-step $STEP --search-limit $LIMIT \
   --short $SHORT --completion $COMP --algo orpo --tag search_dense "${STEPS[@]}" --out "$OUT"
-phase throughput $B_TP python3 bench/train/bench_train.py --throughput --shapes $TP_SHAPES --backends plain,zero3 \
+phase throughput $B_TP python3 bench/train/bench_train.py --throughput --shapes $TP_SHAPES --backends $TP_BACKENDS \
   --short $TP_SHORT --long $TP_LEN --completion $TP_COMP --micro 1 --accum 2 --steps $TP_STEPS --out "$OUT"
 
 echo "total seconds=$(( $(date +%s) - T0 ))" | tee -a "$SUMMARY"

@@ -33,5 +33,5 @@ def test_gpu_check_dry_run(tmp_path):
     search = json.loads((out / "results_qwen2-tiny_search.json").read_text())["search"]
     assert search and all(r["fits"] >= 256 for r in search)
     tp = json.loads((out / "throughput.json").read_text())["rows"]
-    assert {r["backend"] for r in tp} == {"plain", "zero3"} and not any("error" in r for r in tp)
+    assert {r["backend"] for r in tp} == {"plain"} and not any("error" in r for r in tp)
     assert all(0 < r["mfu"] < 1 and r["profile_ms"]["backward"] > 0 for r in tp)
