@@ -67,7 +67,15 @@ def test_shipped_samples_load_as_typed_records():
 def test_table_roundtrip_and_schema():
     recs = load_records("musique-sample", limit=5)
     table = records_to_table(recs)
-    assert table.column_names[:7] == ["id", "question", "answer", "answer_aliases", "paragraphs", "decomposition", "dataset"]
+    assert table.column_names[:7] == [
+        "id",
+        "question",
+        "answer",
+        "answer_aliases",
+        "paragraphs",
+        "decomposition",
+        "dataset",
+    ]
     assert str(table.schema.field("paragraphs").type) == (
         "list<item: struct<idx: int32, title: string, text: string, is_supporting: bool>>"
     )
@@ -98,11 +106,24 @@ def test_normalization():
     [
         (lambda r: r.pop("question"), "missing_field", "question", "missing required field"),
         (lambda r: r.update(paragraphs="oops"), "bad_field", "paragraphs", "expected list"),
-        (lambda r: r["paragraphs"][3].pop("paragraph_text"), "missing_field", "paragraphs[3].paragraph_text", "missing"),
-        (lambda r: [p.update(is_supporting=False) for p in r["paragraphs"]], "no_supporting_paragraph", "paragraphs",
-         "no paragraph is marked supporting"),
-        (lambda r: r.update(answer="Zanzibar Quux", answer_aliases=[]), "answer_not_in_paragraphs", "answer",
-         "appears in no paragraph"),
+        (
+            lambda r: r["paragraphs"][3].pop("paragraph_text"),
+            "missing_field",
+            "paragraphs[3].paragraph_text",
+            "missing",
+        ),
+        (
+            lambda r: [p.update(is_supporting=False) for p in r["paragraphs"]],
+            "no_supporting_paragraph",
+            "paragraphs",
+            "no paragraph is marked supporting",
+        ),
+        (
+            lambda r: r.update(answer="Zanzibar Quux", answer_aliases=[]),
+            "answer_not_in_paragraphs",
+            "answer",
+            "appears in no paragraph",
+        ),
     ],
 )
 def test_bad_records_fail_with_file_line_field(tmp_path, mutate, reason, field, needle):
@@ -174,7 +195,9 @@ def test_sources_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="hub id: set load.dataset"):
         load_records("someone/musique")
     # Tests run offline (conftest): a hub id must fail with a message that says what to do.
-    with pytest.raises(DataError, match="could not load the hub dataset 'someone/musique'.*download the official jsonl"):
+    with pytest.raises(
+        DataError, match="could not load the hub dataset 'someone/musique'.*download the official jsonl"
+    ):
         load_records("someone/musique", dataset="musique")
 
 

@@ -66,8 +66,11 @@ def test_ra_term():
 
 def test_solo_dpo_total_and_parts():
     b = Batch(
-        chosen=S([-10.0], [4]), rejected=S([-13.0], [4]), long_w=S([-11.0], [4]),
-        ref_chosen=torch.tensor([-12.0], dtype=torch.float64), ref_rejected=torch.tensor([-12.0], dtype=torch.float64),
+        chosen=S([-10.0], [4]),
+        rejected=S([-13.0], [4]),
+        long_w=S([-11.0], [4]),
+        ref_chosen=torch.tensor([-12.0], dtype=torch.float64),
+        ref_rejected=torch.tensor([-12.0], dtype=torch.float64),
         ref_long_w=torch.tensor([-10.0], dtype=torch.float64),
     )
     out = solo_dpo(b, LossParams(alpha=3.0, beta=0.1))
@@ -84,7 +87,8 @@ def test_solo_simpo_and_orpo_totals():
     # r_w -4, r_l -5, r_long -6 -> log(1+e^-0.5) + |(-4) - (-6)|
     assert close(out.loss, [math.log1p(math.exp(-0.5)) + 2.0])
     out = solo_orpo(
-        Batch(chosen=S([2 * math.log(0.8)], [2]), rejected=S([3 * math.log(0.5)], [3]), long_w=S([math.log(0.5)], [1])), p
+        Batch(chosen=S([2 * math.log(0.8)], [2]), rejected=S([3 * math.log(0.5)], [3]), long_w=S([math.log(0.5)], [1])),
+        p,
     )
     # odds_w log 4, odds_l 0, odds_long 0 -> nll + 0.1 log 1.25 + 1 * log 4
     assert close(out.loss, [-math.log(0.8) + 0.1 * math.log(1.25) + math.log(4.0)], tol=1e-5)

@@ -22,11 +22,18 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 ROWS = [
-    {"id": "a", "short_prompt": "Document 1: Oslo is the capital of Norway.\n\nQuestion: What is the capital of Norway?",
-     "chosen": "Document 1 says Oslo. The answer is: Oslo", "rejected": "I think it is Bergen. The answer is: Bergen"},
-    {"id": "b", "short_prompt": "Document 1: The Nile flows north.\n\nQuestion: Which way does the Nile flow?",
-     "chosen": "North, per the document. The answer is: north",
-     "rejected": "The answer is: south, because rivers flow south in Africa"},
+    {
+        "id": "a",
+        "short_prompt": "Document 1: Oslo is the capital of Norway.\n\nQuestion: What is the capital of Norway?",
+        "chosen": "Document 1 says Oslo. The answer is: Oslo",
+        "rejected": "I think it is Bergen. The answer is: Bergen",
+    },
+    {
+        "id": "b",
+        "short_prompt": "Document 1: The Nile flows north.\n\nQuestion: Which way does the Nile flow?",
+        "chosen": "North, per the document. The answer is: north",
+        "rejected": "The answer is: south, because rivers flow south in Africa",
+    },
 ]
 CPU = torch.device("cpu")
 
@@ -34,8 +41,15 @@ CPU = torch.device("cpu")
 def _export_table() -> pa.Table:
     """ROWS as the export stage names them (chosen_response / rejected_response)."""
     return pa.Table.from_pylist(
-        [{"id": r["id"], "short_prompt": r["short_prompt"], "chosen_response": r["chosen"],
-          "rejected_response": r["rejected"]} for r in ROWS]
+        [
+            {
+                "id": r["id"],
+                "short_prompt": r["short_prompt"],
+                "chosen_response": r["chosen"],
+                "rejected_response": r["rejected"],
+            }
+            for r in ROWS
+        ]
     )
 
 
@@ -61,8 +75,16 @@ def _ours(model, examples, algo, params, sequence_nll=False, ref=None):
 
 
 def _args(cls, tmp_path, **kw):
-    return cls(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=len(ROWS),
-               remove_unused_columns=False, bf16=False, seed=0, **kw)
+    return cls(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=len(ROWS),
+        remove_unused_columns=False,
+        bf16=False,
+        seed=0,
+        **kw,
+    )
 
 
 def test_dpo_matches_trl(models, tokenizer, tmp_path):
@@ -70,12 +92,22 @@ def test_dpo_matches_trl(models, tokenizer, tmp_path):
 
     policy, ref = models
     ds = datasets.Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": r["short_prompt"]}],
-          "chosen": [{"role": "assistant", "content": r["chosen"]}],
-          "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in ROWS]
+        [
+            {
+                "prompt": [{"role": "user", "content": r["short_prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in ROWS
+        ]
     )
-    tr = DPOTrainer(model=policy, ref_model=ref, args=_args(DPOConfig, tmp_path, beta=0.1), train_dataset=ds,
-                    processing_class=tokenizer)
+    tr = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=_args(DPOConfig, tmp_path, beta=0.1),
+        train_dataset=ds,
+        processing_class=tokenizer,
+    )
     inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, inputs)
@@ -87,9 +119,16 @@ def test_dpo_matches_trl(models, tokenizer, tmp_path):
 
 
 def _text_rows(tokenizer):
-    return [{"prompt": tokenizer.apply_chat_template([{"role": "user", "content": r["short_prompt"]}],
-                                                     add_generation_prompt=True, tokenize=False),
-             "chosen": r["chosen"], "rejected": r["rejected"]} for r in ROWS]
+    return [
+        {
+            "prompt": tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["short_prompt"]}], add_generation_prompt=True, tokenize=False
+            ),
+            "chosen": r["chosen"],
+            "rejected": r["rejected"],
+        }
+        for r in ROWS
+    ]
 
 
 def _examples_from_trl_batch(inputs) -> list:
@@ -113,8 +152,12 @@ def test_simpo_matches_trl_cpo(models, tokenizer, tmp_path):
 
     policy, _ = models
     args = _args(CPOConfig, tmp_path, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=0.5)
-    tr = CPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(_text_rows(tokenizer)),
-                    processing_class=tokenizer)
+    tr = CPOTrainer(
+        model=policy,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(_text_rows(tokenizer)),
+        processing_class=tokenizer,
+    )
     inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, inputs)
@@ -133,7 +176,9 @@ def test_orpo_matches_trl(models, tokenizer, tmp_path, row):
     args = _args(ORPOConfig, tmp_path, beta=0.1)
     args.per_device_train_batch_size = 1
     rows = [_text_rows(tokenizer)[row]]
-    tr = ORPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    tr = ORPOTrainer(
+        model=policy, args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer
+    )
     inputs = tr._prepare_inputs(next(iter(tr.get_train_dataloader())))
     with torch.no_grad():
         theirs = tr.compute_loss(tr.model, inputs)

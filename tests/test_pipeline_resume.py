@@ -71,7 +71,10 @@ def test_interrupted_synth_resumes_from_finished_shards(tmp_path, tiny_model_dir
     with pytest.raises(KeyboardInterrupt):
         _run(_cfg(rd, tiny_model_dir))
     assert not (rd / "synth" / "_SUCCESS").exists()
-    assert sorted(p.name for p in (rd / "synth" / "shards").glob("part-*.json")) == ["part-00000.json", "part-00001.json"]
+    assert sorted(p.name for p in (rd / "synth" / "shards").glob("part-*.json")) == [
+        "part-00000.json",
+        "part-00001.json",
+    ]
     monkeypatch.setattr(SynthStage, "run", real_run)
 
     out = _run(_cfg(rd, tiny_model_dir))
@@ -90,8 +93,19 @@ def test_cli_synth_on_a_musique_file_by_path(tmp_path, tiny_model_dir):
     with open(DATA_DIR / "musique_ans_train_sample.jsonl", "rb") as src, gzip.open(data, "wb") as dst:
         shutil.copyfileobj(src, dst)
     rd = tmp_path / "cli-run"
-    args = ["synth", "--target-len", "1536,2k", "--data", str(data), "--run-dir", str(rd), "--model", str(tiny_model_dir),
-            "--set", "load.limit=10"]
+    args = [
+        "synth",
+        "--target-len",
+        "1536,2k",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(rd),
+        "--model",
+        str(tiny_model_dir),
+        "--set",
+        "load.limit=10",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     table = load_output(rd, "synth")

@@ -25,7 +25,9 @@ def records():
 def built(records, tokenizer):
     cfg = SynthConfig(target_len="1k,2k", doc_template=TEST_DOC, verify_sample=0)
     stats: dict = {}
-    table = build_contexts(records[:40], tokenizer, cfg, seed=3, pool=records, stat=lambda k, v, how="set": stats.update({k: v}))
+    table = build_contexts(
+        records[:40], tokenizer, cfg, seed=3, pool=records, stat=lambda k, v, how="set": stats.update({k: v})
+    )
     return cfg, table, stats
 
 
@@ -59,10 +61,17 @@ def test_lengths_exact_and_within_tolerance(built, tokenizer):
 
 def test_ruler_template_and_own_short_docs_exact(records, tokenizer):
     # RULER's own rendering and the "all own paragraphs" short context, with a tight 0.5% window.
-    cfg = SynthConfig(target_len=[6000], doc_template="Document {i}:\n{title}\n{text}", short_docs="own",
-                      tolerance=0.005, verify_sample=10)
+    cfg = SynthConfig(
+        target_len=[6000],
+        doc_template="Document {i}:\n{title}\n{text}",
+        short_docs="own",
+        tolerance=0.005,
+        verify_sample=10,
+    )
     stats: dict = {}
-    table = build_contexts(records[:10], tokenizer, cfg, pool=records, stat=lambda k, v, how="set": stats.update({k: v}))
+    table = build_contexts(
+        records[:10], tokenizer, cfg, pool=records, stat=lambda k, v, how="set": stats.update({k: v})
+    )
     assert stats["verify_max_abs_deviation"] == 0 and stats["verify_prompts"] == 10
     assert table.num_rows == 10 and all(5970 <= t <= 6000 for t in table.column("long_tokens").to_pylist())
     assert all(g == 20 for g in table.column("n_gold").to_pylist())
@@ -100,13 +109,15 @@ def test_own_paragraphs_come_first(records, tokenizer):
     pool = distractor_pool(rec, b)
     own = {(p.title, p.text) for p in rec.paragraphs if not p.is_supporting}
     eligible_own = [
-        (p.title, p.text) for p in rec.paragraphs if not p.is_supporting
+        (p.title, p.text)
+        for p in rec.paragraphs
+        if not p.is_supporting
         and match_key(p.title) not in {match_key(g.title) for g in rec.supporting}
         and not contains_answer(match_key(p.title + " " + p.text), [match_key(a) for a in rec.answers])
     ]
     assert 0 < len(eligible_own) <= len(own)
     assert set(pool[: len(eligible_own)]) == set(eligible_own)
-    assert all(p not in own for p in pool[len(eligible_own):])
+    assert all(p not in own for p in pool[len(eligible_own) :])
     assert len(pool) == len(set(pool))
 
 
@@ -120,7 +131,9 @@ def test_hand_made_leaks_are_never_chosen(tokenizer):
             Paragraph(0, "Eiffel Tower", f"Another page about the tower, number {i}.", True),  # gold title
             Paragraph(1, f"Trip {i}", f"We flew to Paris in spring {i}.", False),  # contains the answer
             Paragraph(2, f"Light {i}", f"The City of Light glows at night {i}.", False),  # contains an alias
-            Paragraph(3, f"Parisian cafes {i}", f"Parisian cafes number {i} serve coffee.", False),  # ok: not whole word
+            Paragraph(
+                3, f"Parisian cafes {i}", f"Parisian cafes number {i} serve coffee.", False
+            ),  # ok: not whole word
             Paragraph(4, "Shared", "One paragraph repeated in every record.", False),  # a duplicate across records
         ]
         pool.append(QARecord(f"p{i}", "x?", "Parisian cafes", [], paras, "[]", "toy"))
@@ -156,11 +169,16 @@ def test_deterministic_and_independent_of_batching(records, tokenizer):
 
 def test_unreachable_targets_fail_or_skip(records, tokenizer):
     # 300 tokens is below every short prompt of the sample.
-    with pytest.raises(DataError, match=r"cannot build a 300-token context.*target_below_short_prompt.*on_unreachable=skip"):
+    with pytest.raises(
+        DataError, match=r"cannot build a 300-token context.*target_below_short_prompt.*on_unreachable=skip"
+    ):
         build_contexts(records[:3], tokenizer, SynthConfig(target_len=[300]), pool=records)
     drops: Counter = Counter()
     table = build_contexts(
-        records[:3], tokenizer, SynthConfig(target_len=[300, 1024], on_unreachable="skip"), pool=records,
+        records[:3],
+        tokenizer,
+        SynthConfig(target_len=[300, 1024], on_unreachable="skip"),
+        pool=records,
         drop=lambda reason, n=1, example=None: drops.update({reason: n}),
     )
     assert drops == Counter({"unreachable:target_below_short_prompt:300": 3})
@@ -180,7 +198,12 @@ def test_parallel_selection_matches_serial(records, tokenizer):
 
     usable = records[:60]
     b._register([p for r in usable for p in r.paragraphs])
-    plans = synth._parallel_plan(b, usable, b.counter.count_chat([
-        b.prompt([b._pid[(p.title, p.text)] for p in r.supporting], r.question) for r in usable]), 2, None)
+    plans = synth._parallel_plan(
+        b,
+        usable,
+        b.counter.count_chat([b.prompt([b._pid[(p.title, p.text)] for p in r.supporting], r.question) for r in usable]),
+        2,
+        None,
+    )
     assert [len(p.docs) for p in plans] == serial.column("n_docs").to_pylist()
     assert [p.long_tokens for p in plans] == serial.column("long_tokens").to_pylist()

@@ -73,9 +73,18 @@ def test_two_ranks_match_one_process(tmp_path, tiny_model_dir, tokenizer, launch
     run_dir = tmp_path / "run"
     common = [f"run.run_dir={run_dir}", f"run.model={tiny_model_dir}", "run.seed=0"]
     write_export_chain(run_dir, common)
-    sets = [*common, "train.num_processes=2", f"train.launcher={launcher}", f"train.deepspeed={deepspeed}",
-            "train.max_steps=2", "train.micro_batch_size=1", "train.grad_accum=1", "train.logps_chunk=4",
-            "train.lr=1e-3", "train.gradient_checkpointing=false"]
+    sets = [
+        *common,
+        "train.num_processes=2",
+        f"train.launcher={launcher}",
+        f"train.deepspeed={deepspeed}",
+        "train.max_steps=2",
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        "train.logps_chunk=4",
+        "train.lr=1e-3",
+        "train.gradient_checkpointing=false",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "solopo.cli", "train", "--algo", algo] + [x for s in sets for x in ("--set", s)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -88,8 +97,17 @@ def test_two_ranks_match_one_process(tmp_path, tiny_model_dir, tokenizer, launch
     # one process over the same global batches (2 examples per step) gives the same losses and weights
     model_dir = run_dir / "train" / "models" / f"{algo}-solo"
     ranks = [json.loads(x) for x in (model_dir / "logs.jsonl").read_text().splitlines()]
-    one = run(tmp_path / "one", tiny_model_dir, algo=algo, max_steps=2, micro_batch_size=1, grad_accum=2,
-              warmup_ratio=0.1, lr_scheduler="cosine", max_grad_norm=1.0)
+    one = run(
+        tmp_path / "one",
+        tiny_model_dir,
+        algo=algo,
+        max_steps=2,
+        micro_batch_size=1,
+        grad_accum=2,
+        warmup_ratio=0.1,
+        lr_scheduler="cosine",
+        max_grad_norm=1.0,
+    )
     single = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ranks] == pytest.approx([r["loss"] for r in single], rel=1e-4)
     assert [r["grad_norm"] for r in ranks] == pytest.approx([r["grad_norm"] for r in single], rel=1e-3)

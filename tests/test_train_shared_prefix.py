@@ -24,7 +24,7 @@ def test_packed_row_layout(tokenizer):
     sp = collate_shared(ex, pad_id=2)
     assert sp.input_ids[0].tolist() == e.chosen.prompt + e.chosen.completion + e.rejected.completion
     assert sp.position_ids[0, P + W].item() == P  # the rejected answer continues the prompt
-    m = sp.attention_mask[0, 0]
+    m = sp.dense_mask()[0, 0]
     assert m[P + W, :P].all() and not m[P + W, P : P + W].any() and m[P + W, P + W]  # sees prompt, not chosen
     assert sp.pred_index[0, P + W].item() == P - 1 and sp.pred_index[0, P + 1].item() == P
     assert sp.masks[0][0].sum().item() == W and sp.masks[1][0].sum().item() == L
@@ -67,8 +67,15 @@ def test_same_logps_and_gradients_as_the_padded_pair(tiny_model_dir, tokenizer, 
 
 def test_training_with_shared_prefix_matches(tmp_path, tiny_model_dir):
     a = run(tmp_path / "a", tiny_model_dir, algo="orpo", max_steps=2, micro_batch_size=2, gradient_checkpointing=True)
-    b = run(tmp_path / "b", tiny_model_dir, algo="orpo", max_steps=2, micro_batch_size=2, gradient_checkpointing=True,
-            shared_prefix=True)
+    b = run(
+        tmp_path / "b",
+        tiny_model_dir,
+        algo="orpo",
+        max_steps=2,
+        micro_batch_size=2,
+        gradient_checkpointing=True,
+        shared_prefix=True,
+    )
     la = [json.loads(x) for x in (Path(a["model_path"]) / "logs.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (Path(b["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-5)

@@ -65,7 +65,10 @@ class TrainConfig(StageConfig):
         description="compute each pair's prompt once for chosen and rejected (one packed row, block-causal mask; "
         "sdpa/eager attention) instead of a padded batch of two full sequences",
     )
-    deepspeed: Literal["zero3", "zero2", "none"] = "none"
+    deepspeed: Literal["auto", "zero3", "zero2", "none"] = Field(
+        default="auto",
+        description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
+    )
     offload: Literal["none", "optimizer", "full"] = "none"
     launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
     num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
@@ -96,7 +99,7 @@ class TrainConfig(StageConfig):
         problems = []
         if self.offload != "none" and self.deepspeed == "none":
             problems.append("offload needs deepspeed=zero2 or zero3")
-        if self.offload == "full" and self.deepspeed != "zero3":
+        if self.offload == "full" and self.deepspeed not in ("zero3", "auto"):
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
         if self.shared_prefix and self.attn == "flash_attention_2":
             problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")

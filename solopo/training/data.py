@@ -7,6 +7,7 @@ it is the tokenized full conversation minus the tokenized prompt, exactly as TRL
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ class Seq:
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
+
+    @functools.cached_property
+    def ids(self) -> torch.Tensor:
+        """prompt + completion as a (len,) long tensor, built once (collation then only copies it)."""
+        return torch.tensor(self.prompt + self.completion, dtype=torch.long)
 
 
 @dataclass
@@ -182,7 +188,7 @@ def collate(
     full = torch.zeros((b, s), dtype=torch.bool)
     for i, q in enumerate(seqs):
         p, c = len(q.prompt), len(q.completion)
-        ids[i, : p + c] = torch.tensor(q.prompt + q.completion)
+        ids[i, : p + c] = q.ids
         attn[i, : p + c] = 1
         comp[i, p : p + c] = True
         full[i, 1 : p + c] = True
@@ -194,15 +200,22 @@ def collate(
 class SharedPrefixBatch:
     """A chosen/rejected pair packed as one row [prompt, chosen completion, rejected completion] per example.
 
-    The prompt is computed once for both answers: a block-causal mask lets the rejected completion attend to the
-    prompt and to itself but not to the chosen completion, and its positions restart after the prompt, so every
-    completion token sees exactly what it sees in its own unpacked sequence."""
+    The prompt is computed once for both answers: the rejected completion attends to the prompt and to itself but
+    not to the chosen completion, and its positions restart after the prompt, so every completion token sees
+    exactly what it sees in its own unpacked sequence. The attention pattern is given as `segments`, not as a
+    (b, 1, s, s) mask (O(s^2) memory: 8 GiB at 64K tokens in bf16); `dense_mask()` builds that mask on demand."""
 
     input_ids: torch.Tensor  # (b, s)
-    attention_mask: torch.Tensor  # (b, 1, s, s) bool, True = may attend
+    segments: list[tuple[int, int, int]]  # per row: (P prefix, W chosen branch, L rejected branch) tokens
     position_ids: torch.Tensor  # (b, s)
     pred_index: torch.Tensor  # (b, s): the position whose hidden state predicts the token at each position
     masks: list[torch.Tensor]  # (b, s) bool each: chosen completion, rejected completion[, chosen prompt+completion]
+
+    def dense_mask(self) -> torch.Tensor:
+        """(b, 1, s, s) bool, True = may attend: the same pattern as a mask (eager attention, tests)."""
+        from solopo.training.logprobs import shared_prefix_dense_mask
+
+        return shared_prefix_dense_mask(self.segments, self.input_ids.shape[1])
 
 
 def collate_shared(examples: list[Example], pad_id: int, full_mask: bool = False) -> SharedPrefixBatch:
@@ -212,9 +225,8 @@ def collate_shared(examples: list[Example], pad_id: int, full_mask: bool = False
     sequence NLL) as a third mask."""
     rows = []
     for e in examples:
-        w = e.chosen.prompt + e.chosen.completion
-        lo = e.rejected.prompt + e.rejected.completion
-        k = min(common_prefix_length(w, lo), len(e.chosen.prompt), len(e.rejected.prompt))
+        w, lo = e.chosen.ids, e.rejected.ids
+        k = common_prefix_length(e.chosen.prompt, e.rejected.prompt)  # <= both prompts: answers are never shared
         if k == 0:
             raise ValueError(f"example {e.id}: chosen and rejected share no prefix token")
         rows.append((w[:k], w[k:], lo[k:], len(e.chosen.prompt) - k, len(e.rejected.prompt) - k))
@@ -223,23 +235,20 @@ def collate_shared(examples: list[Example], pad_id: int, full_mask: bool = False
     ids = torch.full((b, s), pad_id, dtype=torch.long)
     pos = torch.zeros((b, s), dtype=torch.long)
     pred = (torch.arange(s) - 1).clamp(min=0).repeat(b, 1)  # default: t is predicted by t-1
-    attn = torch.eye(s, dtype=torch.bool).repeat(b, 1, 1, 1)  # pads attend to themselves only (no empty rows)
     m_w = torch.zeros((b, s), dtype=torch.bool)
     m_l = torch.zeros((b, s), dtype=torch.bool)
     m_full = torch.zeros((b, s), dtype=torch.bool)
-    causal = torch.ones((s, s), dtype=torch.bool).tril()
+    segments = []
     for i, (p, w, lo, w_extra, l_extra) in enumerate(rows):
         P, W, L = len(p), len(w), len(lo)  # w and lo: rest of the prompt (w_extra/l_extra tokens) + completion
         n = P + W + L
-        ids[i, :n] = torch.tensor(p + w + lo)
+        segments.append((P, W, L))
+        ids[i, :n] = torch.cat([p, w, lo])
         pos[i, : P + W] = torch.arange(P + W)
         pos[i, P + W : n] = torch.arange(P, P + L)  # the rejected branch continues the prefix, not the chosen
-        attn[i, 0, : P + W, : P + W] = causal[: P + W, : P + W]
-        attn[i, 0, P + W : n, :P] = True  # rejected -> prefix
-        attn[i, 0, P + W : n, P + W : n] = causal[:L, :L]  # rejected -> itself, causally
         pred[i, P + W] = P - 1  # the rejected branch's first token is predicted by the last prefix token
         m_w[i, P + w_extra : P + W] = True
         m_l[i, P + W + l_extra : n] = True
         m_full[i, 1 : P + W] = True
     masks = [m_w, m_l, m_full] if full_mask else [m_w, m_l]
-    return SharedPrefixBatch(ids, attn, pos, pred, masks)
+    return SharedPrefixBatch(ids, segments, pos, pred, masks)

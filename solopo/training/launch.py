@@ -62,7 +62,9 @@ def launch_plan(cfg) -> LaunchPlan:
     if cfg.launcher == "auto":
         if n == 1 and not cfg.hostfile:
             return LaunchPlan("none", 1)
-        return LaunchPlan("deepspeed" if (cfg.hostfile or cfg.deepspeed != "none") else "accelerate", n)
+        # deepspeed=auto means ZeRO-3 with several GPU ranks (plain data parallel on CPU)
+        ds = cfg.deepspeed in ("zero2", "zero3") or (cfg.deepspeed == "auto" and _visible_gpus() > 0)
+        return LaunchPlan("deepspeed" if (cfg.hostfile or ds) else "accelerate", n)
     if cfg.hostfile and cfg.launcher == "accelerate":
         raise ConfigError(
             ["train.hostfile needs train.launcher=deepspeed (accelerate reads nodes from its own config)"]

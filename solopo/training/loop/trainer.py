@@ -28,6 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+from torch.profiler import record_function
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
@@ -40,7 +41,7 @@ from solopo.training.data import (
     length_grouped_batches,
     select_target_len,
 )
-from solopo.training.logprobs import CompletionLogps
+from solopo.training.logprobs import CompletionLogps, Targets, targets_from_masks, use_segment_attention
 from solopo.training.losses import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
@@ -101,6 +102,38 @@ def build_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
     ds["gradient_clipping"] = cfg.max_grad_norm
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     return ds
+
+
+def count_parameters(model_path: str) -> int:
+    """Parameters of the model at `model_path`, from its config on the meta device (no weights loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in m.parameters())
+
+
+def resolve_deepspeed(cfg, model_path: str, world: int, dtype: torch.dtype) -> tuple[str, str]:
+    """train.deepspeed=auto -> (none | zero3, why). ZeRO-3 on one GPU only costs time (parameter hooks, gathers
+    per layer), so it is chosen when the plain model + grads + AdamW state would not leave half the GPU for
+    activations, or when there are several ranks (to shard those states). On CPU: plain torch (what works)."""
+    if cfg.deepspeed != "auto":
+        return cfg.deepspeed, ""
+    if cfg.offload != "none":
+        return "zero3", f"train.offload={cfg.offload} needs ZeRO"
+    if not torch.cuda.is_available():
+        return "none", "CPU: plain torch"
+    if world > 1:
+        return "zero3", f"{world} ranks: ZeRO-3 shards weights, grads and optimizer state"
+    n = count_parameters(model_path)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    need = n * itemsize * 4  # weights, grads, AdamW exp_avg and exp_avg_sq (torch keeps them in the param dtype)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    verdict = "zero3" if need > 0.5 * total else "none"
+    return verdict, (
+        f"{n / 1e9:.2f}B parameters need {need / 2**30:.1f} GiB for weights+grads+AdamW in {dtype}; the GPU has "
+        f"{total / 2**30:.0f} GiB: {'over' if verdict == 'zero3' else 'within'} half of it"
+    )
 
 
 # --- distributed ------------------------------------------------------------------------------------------
@@ -289,6 +322,17 @@ class MicroOut:
     tokens: int
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host: pinned memory and an async copy on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _targets_to(t: Targets, device: torch.device) -> Targets:
+    return Targets(*(_to(x, device) for x in t))
+
+
 def micro_batch_logps(
     forward,
     examples: list[Example],
@@ -300,25 +344,28 @@ def micro_batch_logps(
 ) -> tuple[Batch, int]:
     """Two forwards: the PO pair and the RA sequences. The pair is either a padded batch of 2b rows (chosen, then
     rejected) or, with `shared_prefix`, b packed rows [prompt, chosen, rejected] (the prompt computed once).
-    Returns the log-probs and the tokens processed."""
+    Returns the log-probs and the tokens processed. Collation and target indexing run on the host (token ids
+    are cached per sequence); nothing here waits for the device."""
     b = len(examples)
     dev = device
     if shared_prefix:
-        sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
-        outs = forward(
-            sp.input_ids.to(dev),
-            sp.attention_mask.to(dev),
-            [m.to(dev) for m in sp.masks],
-            sp.position_ids.to(dev),
-            sp.pred_index.to(dev),
-        )
+        with record_function("solopo.collate"):
+            sp = collate_shared(examples, pad_id, full_mask=orpo_sequence_nll)
+            args = (_to(sp.input_ids, dev), _targets_to(targets_from_masks(sp.masks, sp.pred_index), dev))
+            pos = _to(sp.position_ids, dev)
+        # the pattern is in `segments` (no (b, 1, s, s) mask unless the attention is eager)
+        outs = forward(args[0], None, args[1], pos, None, sp.segments)
         chosen, rejected = outs[0], outs[1]  # (b,) each
         nll_w = outs[2] if orpo_sequence_nll else None
         tokens = sum(len(e.chosen) + len(e.rejected.completion) for e in examples)
     else:
         pair = [e.chosen for e in examples] + [e.rejected for e in examples]
-        ids, attn, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
-        outs = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])
+        with record_function("solopo.collate"):
+            ids, _, masks = collate(pair, pad_id, full_mask=orpo_sequence_nll)
+            ids, tg = _to(ids, dev), _targets_to(targets_from_masks(masks), dev)
+        # Right padding under causal attention: no real token can see the pads after it, so the padding mask is
+        # dropped (transformers would expand it to a dense (2b, 1, s, s) mask; without it sdpa runs is_causal).
+        outs = forward(ids, None, tg)
         comp = outs[0]
         chosen = SeqLogps(comp.total[:b], comp.count[:b])  # (b,)
         rejected = SeqLogps(comp.total[b:], comp.count[b:])  # (b,)
@@ -327,8 +374,10 @@ def micro_batch_logps(
     long_w = None
     if with_long:
         longs = [e.long_w for e in examples]
-        ids, attn, masks = collate(longs, pad_id)
-        long_w = forward(ids.to(dev), None if attn is None else attn.to(dev), [m.to(dev) for m in masks])[0]
+        with record_function("solopo.collate"):
+            ids, _, masks = collate(longs, pad_id)
+            ids, tg = _to(ids, dev), _targets_to(targets_from_masks(masks), dev)
+        long_w = forward(ids, None, tg)[0]
         tokens += sum(len(s) for s in longs)
     return Batch(chosen=chosen, rejected=rejected, long_w=long_w, nll_w=nll_w), tokens
 
@@ -400,6 +449,43 @@ def disable_dropout(model: torch.nn.Module) -> int:
                 setattr(mod, name, 0.0)
                 n += 1
     return n
+
+
+def train_step(
+    backend,
+    objective,
+    params: LossParams,
+    examples: list[Example],
+    cfg,
+    pad_id: int,
+    with_long: bool,
+    device: torch.device,
+    ref: dict[str, dict[str, float]] | None = None,
+) -> _Agg:
+    """One optimizer step over this rank's `examples` (micro_batch_size x grad_accum of them), as micro-batches.
+    The hot path: host-side collation, no host sync per micro-batch (metrics and per-example losses stay on the
+    device; the caller's step_health reads them once per step). Ranges are labelled for torch.profiler (bench/train)."""
+    agg = _Agg(device)
+    per_step = cfg.micro_batch_size * cfg.grad_accum
+    for m in range(cfg.grad_accum):
+        chunk = examples[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
+        with record_function("solopo.forward"):  # collation inside: labelled solopo.collate by micro_batch_logps
+            batch, tokens = micro_batch_logps(
+                backend.forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device, cfg.shared_prefix
+            )
+            if ref is not None:
+                _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
+            out = objective(batch, params)
+            loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
+        agg.ids += [e.id for e in chunk]
+        agg.losses.append(out.loss.detach())  # (b,): judged once after the step by step_health
+        boundary = m == cfg.grad_accum - 1
+        with record_function("solopo.backward"):
+            backend.backward(loss)
+        with record_function("solopo.optimizer" if boundary else "solopo.micro_done"):
+            backend.micro_done(boundary=boundary)
+        agg.add(out, tokens)
+    return agg
 
 
 # --- DPO reference log-probs: computed once before training, cached with the data ---------------------------------
@@ -474,6 +560,12 @@ def train(
         notes.append(msg)
 
     # -- distributed env, dtype, attention
+    ds_choice, ds_why = resolve_deepspeed(cfg, model_path, int(os.environ.get("WORLD_SIZE", 1)), pick_dtype(cfg.dtype))
+    if cfg.deepspeed == "auto":
+        cfg = cfg.model_copy(update={"deepspeed": ds_choice})
+        notes.append(f"train.deepspeed=auto -> {ds_choice} ({ds_why})")  # a choice, recorded (rank not known yet)
+        if ctx is not None:
+            ctx.note(notes[-1])
     use_ds = cfg.deepspeed != "none"
     rank, local_rank, world = init_distributed(use_ds)
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -526,6 +618,8 @@ def train(
         note("dropout stays on in the policy (train.disable_dropout=false): DPO's step-1 loss is not log 2")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.shared_prefix and not use_segment_attention(lm):
+        note(f"shared_prefix with {attn} attention builds a dense (b, 1, s, s) mask (O(s^2)); sdpa avoids it")
     # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
     module = CompletionLogps(lm, chunk_size=cfg.logps_chunk, sync_chunks=cfg.deepspeed == "zero3" and world > 1)
     if not use_ds:
@@ -633,24 +727,18 @@ def train(
             batches = length_grouped_batches(lengths, global_batch, seed, epoch)
             step_idx = batches[in_epoch][rank * per_step : (rank + 1) * per_step]
             t0 = time.time()
-            agg = _Agg()
-            step_ids: list[str] = []
-            step_losses: list[torch.Tensor] = []  # (b,) per micro-batch, checked once after the step
-            for m in range(cfg.grad_accum):
-                idx = step_idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]
-                chunk = [examples[i] for i in idx]
-                batch, tokens = micro_batch_logps(
-                    forward, chunk, pad_id, with_long, cfg.orpo_nll == "sequence", device, cfg.shared_prefix
-                )
-                if ref is not None:
-                    _attach_ref(batch, chunk, ref, cfg.ra_ref, device)
-                out = objective(batch, params)
-                loss = out.loss.sum() / per_step  # (b,) -> scalar; exact mean over the step's examples
-                step_ids += [e.id for e in chunk]
-                step_losses.append(out.loss.detach())
-                backend.backward(loss)
-                backend.micro_done(boundary=m == cfg.grad_accum - 1)
-                agg.add(out, tokens)
+            agg = train_step(
+                backend,
+                objective,
+                params,
+                [examples[i] for i in step_idx],
+                cfg,
+                pad_id,
+                with_long,
+                device,
+                ref,
+            )
+            step_ids, step_losses = agg.ids, agg.losses
             state.step += 1
             # Gradients, updated weights and losses finite, or stop here: no checkpoint, no model, no _SUCCESS.
             grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), step_losses, device)
@@ -753,12 +841,17 @@ def train(
 
 
 class _Agg:
-    """Sums per-example values over a step's micro-batches, then reduces across ranks."""
+    """Sums per-example values over a step's micro-batches on the device (no host sync per micro-batch), then
+    reduces across ranks and reads them once per step."""
 
     KEYS = ("loss", "po_loss", "ra_loss", "reward_chosen", "reward_rejected", "reward_acc", "ra_distance")
 
-    def __init__(self):
-        self.sums = torch.zeros(len(self.KEYS) + 2, dtype=torch.float64)  # + examples, tokens
+    def __init__(self, device: torch.device | None = None):
+        self.device = device if device is not None and device.type == "cuda" else torch.device("cpu")
+        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=self.device)  # + examples
+        self.tokens = 0  # known on the host
+        self.ids: list[str] = []  # the step's example ids, in order
+        self.losses: list[torch.Tensor] = []  # (b,) per micro-batch, on the device
 
     def add(self, out: LossOutput, tokens: int) -> None:
         vals = [
@@ -770,13 +863,14 @@ class _Agg:
             (out.reward_chosen > out.reward_rejected).float(),
             out.ra_distance,
         ]
-        for i, v in enumerate(vals):
-            self.sums[i] += float(v.float().sum())
-        self.sums[-2] += out.loss.shape[0]
-        self.sums[-1] += tokens
+        sums = torch.stack([v.detach().to(torch.float64).sum() for v in vals])  # (7,) on the loss's device
+        self.sums[:-1] += sums.to(self.device)
+        self.sums[-1] += out.loss.shape[0]
+        self.tokens += tokens
 
     def finish(self, seconds: float, device: torch.device, world: int) -> dict[str, float]:
-        s = _all_reduce(self.sums.to(device if device.type == "cuda" else "cpu")).cpu()
+        tok = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
+        s = _all_reduce(torch.cat([self.sums, tok])).cpu()
         mem = _all_reduce(
             torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max"
         )
