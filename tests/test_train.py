@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from solopo.pipeline.errors import DataError
-from solopo.stages.train import TrainConfig
+from solopo.training.config import TrainConfig
 from solopo.training.loop.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -184,7 +184,7 @@ def test_mode_long_happy_path(tmp_path, tiny_model_dir):
         r["long_chosen_response"] = None if i == 3 else f"From the long context: Lyon. The answer is: Lyon{'!' * i}"
         r["long_rejected_response"] = None if i == 3 else "The answer is: Marseille"
     cfg_kw = dict(algo="dpo", mode="long", max_steps=2, micro_batch_size=2)
-    from solopo.stages.train import TrainConfig
+    from solopo.training.config import TrainConfig
     from solopo.training.loop.trainer import train
 
     base = {

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_train import export_rows, run, weights
 
-from solopo.stages.train import TrainConfig
+from solopo.training.config import TrainConfig
 from solopo.training.data import build_examples, collate_shared
 from solopo.training.logprobs import CompletionLogps
 from solopo.training.loop.trainer import micro_batch_logps

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_train import export_rows
 
-from solopo.stages.train import TrainConfig
+from solopo.training.config import TrainConfig
 from solopo.training.data import build_examples, length_grouped_batches
 from solopo.training.logprobs import CompletionLogps
 from solopo.training.loop import trainer as T

@@ -70,7 +70,7 @@ def child(shape: str, backend_name: str, a) -> dict:
     import torch
     from shapes import attended_pairs, build, counts, train_flops
 
-    from solopo.stages.train import TrainConfig
+    from solopo.training.config import TrainConfig
     from solopo.training.data import Example, Seq, collate
     from solopo.training.logprobs import CompletionLogps, targets_from_masks
     from solopo.training.loop.trainer import (

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python -m solopo.training.launch SPEC.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    from solopo.stages.train import TrainConfig
+    from solopo.training.config import TrainConfig
     from solopo.training.loop.trainer import train
 
     spec = json.loads(Path(argv[0]).read_text())

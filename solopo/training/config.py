@@ -1,0 +1,97 @@
+"""`train.*` settings: the training loop's own config type, read by the train stage and by the launched ranks.
+
+It lives beside the loop (not in solopo.stages) so that training imports nothing from the stages above it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from solopo.pipeline.config import StageConfig, parse_length
+
+
+class TrainConfig(StageConfig):
+    algo: Literal["dpo", "simpo", "orpo"] = "orpo"
+    mode: Literal["solo", "long", "expand-long", "short"] = "solo"
+    alpha: float | None = Field(
+        default=None, description="SoLo-RA weight; None = paper default (DPO 3, SimPO 1, ORPO 1)"
+    )
+    beta: float | None = Field(default=None, description="None = DPO 0.1 (TRL), SimPO 2.0 (SimPO paper)")
+    gamma: float = Field(default=0.5, description="SimPO target reward margin")
+    orpo_lambda: float = Field(default=0.1, description="ORPO odds-ratio weight (ORPO paper; TRL's ORPOConfig.beta)")
+    orpo_nll: Literal["completion", "sequence"] = Field(
+        default="completion",
+        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer)",
+    )
+    ra_ref: Literal["long", "short"] = Field(
+        default="long", description="DPO long reward reference: pi_ref(y_w|x_long) precomputed, or reuse the short one"
+    )
+    target_len: int | None = Field(
+        default=None, description="which long length of the data to train on; None = largest"
+    )
+    lr: float = Field(default=5e-7, gt=0)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(
+        default=None, gt=0, description="stop after this many optimizer steps (overrides epochs)"
+    )
+    micro_batch_size: int = Field(default=1, gt=0)
+    grad_accum: int = Field(default=8, gt=0)
+    max_length: int | None = Field(default=None, description="drop examples with a longer sequence (tokens)")
+    logps_chunk: int = Field(
+        default=1024, gt=0, description="LM-head rows per chunk when computing completion log-probs"
+    )
+    gradient_checkpointing: bool = True
+    shared_prefix: bool = Field(
+        default=False,
+        description="compute each pair's prompt once for chosen and rejected (one packed row, block-causal mask; "
+        "sdpa/eager attention) instead of a padded batch of two full sequences",
+    )
+    deepspeed: Literal["auto", "zero3", "zero2", "none"] = Field(
+        default="auto",
+        description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
+    )
+    offload: Literal["none", "optimizer", "full"] = "none"
+    launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
+    num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
+    hostfile: str | None = None
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    logging_steps: int = Field(default=1, gt=0)
+    save_steps: int = 0
+    resume: bool = True
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    save_dtype: Literal["auto", "fp32"] = Field(
+        default="auto", description="dtype of the saved weights: auto = the training dtype (bf16 when trained in bf16)"
+    )
+    disable_dropout: bool = Field(
+        default=True,
+        description="zero every dropout in the policy (TRL's default): the DPO reference is computed without dropout",
+    )
+    seed: int | None = Field(default=None, description="None = run.seed")
+
+    @field_validator("target_len", "max_length", mode="before")
+    @classmethod
+    def _length(cls, v: Any) -> Any:
+        return None if v is None else parse_length(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        # (positivity is checked per field, so that it is reported together with every other field's problem)
+        problems = []
+        if self.offload != "none" and self.deepspeed == "none":
+            problems.append("offload needs deepspeed=zero2 or zero3")
+        if self.offload == "full" and self.deepspeed not in ("zero3", "auto"):
+            problems.append("offload=full (parameters too) needs deepspeed=zero3")
+        if self.shared_prefix and self.attn == "flash_attention_2":
+            problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
+        if self.alpha is not None and self.alpha < 0:
+            problems.append("alpha must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
