@@ -85,7 +85,7 @@ def test_logps_sdpa_vs_eager(tiny_model_dir, tokenizer, dtype):
 
     from solopo.training.data import build_examples
     from solopo.training.logprobs import CompletionLogps, use_segment_attention
-    from solopo.training.loop.trainer import micro_batch_logps
+    from solopo.training.loop.step import micro_batch_logps
 
     ex, _ = build_examples(pa.Table.from_pylist(export_rows(4)), tokenizer, "solo", True, "x")
     dev = torch.device("cuda")

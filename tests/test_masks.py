@@ -15,7 +15,7 @@ from solopo.training.logprobs import (
     targets_from_masks,
     use_segment_attention,
 )
-from solopo.training.loop.trainer import micro_batch_logps
+from solopo.training.loop.step import micro_batch_logps
 
 CPU = torch.device("cpu")
 

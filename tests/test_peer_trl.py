@@ -15,7 +15,7 @@ import torch
 
 from solopo.training.data import Seq, build_examples
 from solopo.training.logprobs import CompletionLogps
-from solopo.training.loop.trainer import micro_batch_logps
+from solopo.training.loop.step import micro_batch_logps
 from solopo.training.losses import OBJECTIVES, LossParams
 
 trl = pytest.importorskip("trl")

@@ -120,7 +120,7 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
     its logs.jsonl continues the checkpoint's rows (step 3 was logged before the kill and is redone: logged once)."""
     full = run(tmp_path / "full", tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     part = tmp_path / "part"
-    import solopo.training.loop.trainer as T
+    import solopo.training.loop.step as T  # _Agg lives with the step
 
     real = T._Agg.finish
     calls = {"n": 0}

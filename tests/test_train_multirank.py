@@ -22,7 +22,7 @@ from test_train import REPO, export_rows, run, weights, write_export_chain
 
 from solopo.training.data import build_examples
 from solopo.training.logprobs import chunked_token_logps
-from solopo.training.loop.trainer import rank_shard
+from solopo.training.loop.distributed import rank_shard
 
 
 def test_padding_chunks_keep_values_and_call_the_head_in_backward_too():

@@ -17,7 +17,8 @@ from test_train import export_rows, run
 
 from solopo.api import build_config
 from solopo.pipeline.errors import ConfigError
-from solopo.training.loop.trainer import TrainingError, disable_dropout, step_health
+from solopo.training.loop.settings import TrainingError
+from solopo.training.loop.step import disable_dropout, step_health
 
 CPU = torch.device("cpu")
 

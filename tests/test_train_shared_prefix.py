@@ -14,7 +14,7 @@ from test_train import export_rows, run, weights
 from solopo.training.config import TrainConfig
 from solopo.training.data import build_examples, collate_shared
 from solopo.training.logprobs import CompletionLogps
-from solopo.training.loop.trainer import micro_batch_logps
+from solopo.training.loop.step import micro_batch_logps
 
 
 def test_packed_row_layout(tokenizer):

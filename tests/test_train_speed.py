@@ -11,19 +11,25 @@ from test_train import export_rows
 from solopo.training.config import TrainConfig
 from solopo.training.data import build_examples, length_grouped_batches
 from solopo.training.logprobs import CompletionLogps
-from solopo.training.loop import trainer as T
+from solopo.training.loop import backends, settings, step
+from solopo.training.losses import OBJECTIVES
 
 
 def test_deepspeed_auto(tiny_model_dir, monkeypatch):
-    n = T.count_parameters(str(tiny_model_dir))
+    n = settings.count_parameters(str(tiny_model_dir))
     from transformers import AutoModelForCausalLM
 
     assert n == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     auto = TrainConfig(deepspeed="auto")
-    assert T.resolve_deepspeed(TrainConfig(deepspeed="zero2"), str(tiny_model_dir), 1, torch.float32)[0] == "zero2"
-    assert T.resolve_deepspeed(TrainConfig(deepspeed="auto", offload="optimizer"), "x", 1, torch.float32)[0] == "zero3"
+    assert (
+        settings.resolve_deepspeed(TrainConfig(deepspeed="zero2"), str(tiny_model_dir), 1, torch.float32)[0] == "zero2"
+    )
+    assert (
+        settings.resolve_deepspeed(TrainConfig(deepspeed="auto", offload="optimizer"), "x", 1, torch.float32)[0]
+        == "zero3"
+    )
     if not torch.cuda.is_available():
-        assert T.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.float32) == ("none", "CPU: plain torch")
+        assert settings.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.float32) == ("none", "CPU: plain torch")
 
     # a GPU, simulated: fits (4 x 2 bytes x n <= half of it) -> none; does not fit or several ranks -> zero3
     class Props:
@@ -33,11 +39,11 @@ def test_deepspeed_auto(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
     Props.total_memory = 2 * 4 * 2 * n  # exactly twice the need
-    assert T.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.bfloat16)[0] == "none"
+    assert settings.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.bfloat16)[0] == "none"
     Props.total_memory = 2 * 4 * 2 * n - 1
-    choice, why = T.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.bfloat16)
+    choice, why = settings.resolve_deepspeed(auto, str(tiny_model_dir), 1, torch.bfloat16)
     assert choice == "zero3" and "over half" in why
-    assert T.resolve_deepspeed(auto, str(tiny_model_dir), 2, torch.bfloat16)[0] == "zero3"
+    assert settings.resolve_deepspeed(auto, str(tiny_model_dir), 2, torch.bfloat16)[0] == "zero3"
 
 
 def test_default_is_auto_and_offload_full_allowed_with_auto():
@@ -71,11 +77,13 @@ def test_host_syncs_per_step_do_not_grow_with_micro_batches(tiny_model_dir, toke
         module = CompletionLogps(lm).train()
         cfg = TrainConfig(algo="simpo", micro_batch_size=2, grad_accum=accum, deepspeed="none")
         opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        backend = T.PlainBackend(module, opt, T.make_scheduler(opt, cfg, 10), cfg)
-        params = T.resolve_params(cfg)
+        backend = backends.PlainBackend(module, opt, backends.make_scheduler(opt, cfg, 10), cfg)
+        params = settings.resolve_params(cfg)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             with torch.profiler.record_function("step"):
-                T.train_step(backend, T.OBJECTIVES["simpo"], params, ex[: 2 * accum], cfg, 2, True, torch.device("cpu"))
+                step.train_step(
+                    backend, OBJECTIVES["simpo"], params, ex[: 2 * accum], cfg, 2, True, torch.device("cpu")
+                )
         counts[accum] = sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense" and not _inside(e))
     # reads of host tensors during collation are not device syncs, and the decoder is transformers' (it reads one
     # scalar per forward: its packed-sequence check of position_ids); outside them the count must not grow with

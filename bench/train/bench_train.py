@@ -86,7 +86,7 @@ def one(
 
     from solopo.training.data import Example, Seq
     from solopo.training.logprobs import CompletionLogps, use_segment_attention
-    from solopo.training.loop.trainer import micro_batch_logps
+    from solopo.training.loop.step import micro_batch_logps
     from solopo.training.losses import OBJECTIVES, LossParams
 
     cuda = torch.cuda.is_available()

@@ -73,14 +73,10 @@ def child(shape: str, backend_name: str, a) -> dict:
     from solopo.training.config import TrainConfig
     from solopo.training.data import Example, Seq, collate
     from solopo.training.logprobs import CompletionLogps, targets_from_masks
-    from solopo.training.loop.trainer import (
-        DeepSpeedBackend,
-        PlainBackend,
-        build_ds_config,
-        init_distributed,
-        make_scheduler,
-        train_step,
-    )
+    from solopo.training.loop.backends import DeepSpeedBackend, PlainBackend, make_scheduler
+    from solopo.training.loop.distributed import init_distributed
+    from solopo.training.loop.settings import build_ds_config
+    from solopo.training.loop.step import train_step
     from solopo.training.losses import OBJECTIVES, LossParams
 
     torch.set_num_threads(a.threads)

@@ -1,0 +1,108 @@
+"""DPO reference log-probs: computed once before training with the initial weights, cached with the data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from solopo.pipeline.io import read_parquet, stable_hash, write_parquet
+from solopo.training.data import (
+    Example,
+)
+
+from .distributed import all_reduce, gather_rows, rank_shard
+from .step import micro_batch_logps
+
+log = logging.getLogger("solopo")
+
+
+# --- DPO reference log-probs: computed once before training, cached with the data ---------------------------------
+REF_COLUMNS = ("ref_chosen", "ref_rejected", "ref_long_w")
+
+
+@torch.no_grad()
+def compute_ref_logps(
+    forward,
+    examples: list[Example],
+    pad_id: int,
+    batch_size: int,
+    desc: str,
+    device: torch.device,
+    with_long: bool,
+    shared_prefix: bool = False,
+) -> dict[str, list]:
+    from tqdm import tqdm
+
+    out = {"id": [], "ref_chosen": [], "ref_rejected": [], "ref_long_w": []}
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    for s in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not rank0):
+        chunk = examples[s : s + batch_size]
+        batch, _ = micro_batch_logps(forward, chunk, pad_id, with_long, False, device, shared_prefix)
+        out["id"] += [e.id for e in chunk]
+        out["ref_chosen"] += batch.chosen.total.float().cpu().tolist()
+        out["ref_rejected"] += batch.rejected.total.float().cpu().tolist()
+        out["ref_long_w"] += (
+            batch.long_w.total.float().cpu().tolist() if batch.long_w is not None else [None] * len(chunk)
+        )
+    return out
+
+
+def examples_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        for s in (e.chosen, e.rejected, e.long_w):
+            if s is not None:
+                h.update(json.dumps([s.prompt, s.completion]).encode())
+    return h.hexdigest()
+
+
+def reference_logps(
+    forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, world: int, note, device
+):
+    """pi_ref log-probs for every sequence the loss needs, computed once with the initial weights and cached in
+    out_dir/ref_logps/<key>.parquet (the key covers the model, the tokenized data and the mode).
+
+    With several ranks each computes an equal share (rank_shard), the shares are all-gathered, and rank 0 alone
+    writes the cache. The cache is used only if every rank sees it, so all ranks take the same branch."""
+    from solopo.pipeline.io import dir_fingerprint
+
+    mp = Path(model_path)
+    model_fp = dir_fingerprint(mp)["sha256"] if mp.is_dir() else model_path
+    key = stable_hash(
+        {
+            "model": model_fp,
+            "data": examples_digest(examples),
+            "mode": cfg.mode,
+            "ra_ref": cfg.ra_ref,
+            "dtype": cfg.dtype,
+            "attn": cfg.attn,
+        }
+    )[:16]
+    path = out_dir / "ref_logps" / f"{key}.parquet"
+    on = device if device.type == "cuda" else "cpu"  # nccl reduces CUDA tensors, gloo CPU ones
+    missing_somewhere = all_reduce(torch.tensor([float(not path.exists())], device=on), "max")
+    if missing_somewhere.item() == 0:
+        rows = read_parquet(path).to_pylist()
+        note(f"DPO reference log-probs loaded from the cache {path}")
+    else:
+        was_training = module.training
+        module.eval()
+        # ra_ref=short reuses pi_ref(y_w | x_short): no long reference forward needed.
+        with_long = examples[0].long_w is not None and cfg.ra_ref == "long"
+        mine = [examples[i] for i in rank_shard(len(examples), rank, world)]
+        desc = "DPO reference log-probs" + (f" (rank 0 of {world}, each 1/{world})" if world > 1 else "")
+        cols = compute_ref_logps(
+            forward, mine, pad_id, cfg.micro_batch_size, desc, device, with_long, cfg.shared_prefix
+        )
+        cols = gather_rows(cols, world)
+        module.train(was_training)
+        rows = pa.table(cols).to_pylist()
+        if rank == 0:
+            write_parquet(pa.table(cols), path)
+    return {r["id"]: r for r in rows}
