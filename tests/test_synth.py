@@ -9,7 +9,7 @@ import pytest
 
 from solopo.datasets import Paragraph, QARecord, contains_answer, load_records, match_key
 from solopo.pipeline.errors import DataError
-from solopo.stages.synth import ContextBuilder, SynthConfig, TokenCounter, build_contexts, distractor_pool
+from solopo.stages.contexts import ContextBuilder, SynthConfig, TokenCounter, build_contexts, distractor_pool
 
 # A template that is easy to parse back, to check what went into each prompt.
 TEST_DOC = "<doc {i}>{title}||{text}</doc>"
@@ -194,7 +194,7 @@ def test_parallel_selection_matches_serial(records, tokenizer):
     serial = build_contexts(records[:60], tokenizer, cfg1, pool=records)
     b = ContextBuilder(tokenizer, cfg2, pool=records)
     b.config = cfg2
-    import solopo.stages.synth as synth
+    import solopo.stages.contexts as synth
 
     usable = records[:60]
     b._register([p for r in usable for p in r.paragraphs])

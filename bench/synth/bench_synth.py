@@ -48,7 +48,7 @@ from ruler_qa import RulerInfiniteLoop, chat_counter, from_musique, read_musique
 from solopo.datasets import contains_answer, load_records, match_key  # noqa: E402
 from solopo.datasets.base import DATA_DIR  # noqa: E402
 from solopo.prompts import PROMPT_TEMPLATE  # noqa: E402
-from solopo.stages.synth import ContextBuilder, SynthConfig, TokenCounter  # noqa: E402
+from solopo.stages.contexts import ContextBuilder, SynthConfig, TokenCounter  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TARGETS = [4096, 8192, 16384, 32768]

@@ -208,7 +208,7 @@ class EvalStage(Stage):
 
     def _eval_set(self, tokenizer) -> pa.Table:
         from solopo.datasets import load_records, records_to_table
-        from solopo.stages.synth import build_contexts
+        from solopo.stages.contexts import build_contexts
 
         train_ids = self._train_ids()
         tables = []
