@@ -1,4 +1,8 @@
-"""`solopo` command line: each command runs the pipeline up to its stage (earlier stages are cached)."""
+"""`solopo` command line: each command runs the pipeline up to its stage (earlier stages are cached).
+
+Over ~450 lines on purpose: one function per command with its typer options declared inline, so that `--help`
+and the code read the same; the logic lives in the stages and solopo.api.
+"""
 
 from __future__ import annotations
 

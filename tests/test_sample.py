@@ -294,7 +294,7 @@ def test_gumbel_sampler_draws_from_the_softmax():
 
     import torch
 
-    from solopo.backends import _GumbelSampler, sample_key
+    from solopo.backends.hf import _GumbelSampler, sample_key
 
     rows = 20000
     scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2), -math.inf]]).repeat(rows, 1)

@@ -3,7 +3,8 @@
 A dataset is one file in this package: a `DatasetLoader` subclass decorated with `@register_dataset`
 that turns one raw record (a dict from a JSON line or a JSON list) into a `QARecord`, raising
 `RecordError(field, message)` for bad input. Reading files, line numbers, the fail/skip policy,
-duplicate ids and `limit` are handled here, once, for every dataset.
+duplicate ids and `limit` are handled here, once, for every dataset. (Slightly over ~450 lines: the reader's
+bad-input messages — binary, non-UTF-8, truncated gzip, file:line — belong with the reading they guard.)
 """
 
 from __future__ import annotations
