@@ -14,7 +14,8 @@ from solopo.api import build_config
 from solopo.backends import Generation, render_chat_ids
 from solopo.metrics import normalize_answer
 from solopo.pipeline.runner import Pipeline
-from solopo.stages.evaluate import NA_CONTEXT, CompareEvalStage, format_cell, summarize
+from solopo.stages.eval_report import NA_CONTEXT, format_cell, summarize
+from solopo.stages.evaluate import CompareEvalStage
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +252,7 @@ def test_cell_format_and_plot_draws_the_intervals(tmp_path, monkeypatch):
 
     import matplotlib.axes
 
-    from solopo.stages.evaluate import plot_accuracy
+    from solopo.stages.eval_report import plot_accuracy
 
     drawn = []
     real = matplotlib.axes.Axes.errorbar

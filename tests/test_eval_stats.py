@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from solopo import stats
-from solopo.stages.evaluate import compare
+from solopo.stages.eval_report import compare
 
 
 # --- Wilson ------------------------------------------------------------------------------------------

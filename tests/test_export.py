@@ -478,7 +478,7 @@ def test_no_machine_path_in_exported_files(both_export, tiny_model_dir):
 
 
 def test_public_model_name_and_license_rules(tmp_path):
-    from solopo.stages.export import EMBEDDED_PUBLIC, card_license, public_model_name, scrub_paths
+    from solopo.stages.export_card import EMBEDDED_PUBLIC, card_license, public_model_name, scrub_paths
 
     assert public_model_name(None) == EMBEDDED_PUBLIC
     assert public_model_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
