@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from solopo.backends import Generation, ProgressFn, render_chat_ids, resolve_backend_name
+from solopo.backends import Generation, ProgressFn, _seeds, render_chat_ids, resolve_backend_name
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 
 log = logging.getLogger("solopo")
@@ -306,9 +306,7 @@ class RayDataBackend:
         seed: int | Sequence[int],
         progress: ProgressFn | None = None,
     ) -> list[list[Generation]]:
-        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = _seeds(seed, len(prompts))  # the local backends' rule: an int seeds prompt i with seed + i
         out: list[list[Generation] | None] = [None] * len(prompts)
         jobs = [(i, p, s) for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
         for key, gens in self.stream(jobs, n, temperature, top_p, max_tokens, progress=progress):

@@ -105,6 +105,24 @@ def job_seed(run_seed: int, qid: str, target_len: int | None) -> int:
     return question_seed(run_seed, qid) + (target_len or 0)
 
 
+class TokenBar:
+    """Progress over prompts with the running tok/s; called as a backend's `progress(prompts_done, tokens)`."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True)
+        self.t0, self.tokens = time.time(), 0
+
+    def __call__(self, done: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.update(done)
+        self.bar.set_postfix_str(f"{self.tokens / max(time.time() - self.t0, 1e-9):.0f} tok/s")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def question_seed(run_seed: int, qid: str) -> int:
     """Seed of one question's samples: depends on the run seed and the id only, not on batch or shard."""
     h = hashlib.sha256(f"{run_seed}:{qid}".encode()).digest()
@@ -191,20 +209,11 @@ class SampleStage(Stage):
         if self.config.engine == "ray":  # one shard: one Ray Data run (the runner streams several through run_shards)
             (table,) = [t for _, t in self.run_shards([(0, data)], lambda i: nullcontext())]
             return table
-        from tqdm.auto import tqdm
 
         c = self.config
         questions, longs, jobs, prompt_len = self._plan(data)
         seed = self._seed()
-        bar = tqdm(total=len(jobs), desc=f"sample[{self.backend.name}]", unit="prompt", dynamic_ncols=True)
-        t0, tokens = time.time(), 0
-
-        def progress(done: int, toks: int) -> None:
-            nonlocal tokens
-            tokens += toks
-            bar.update(done)
-            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
-
+        progress = TokenBar(len(jobs), f"sample[{self.backend.name}]")
         # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
         per_call = getattr(self.backend, "batch_size", 256)
         chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
@@ -224,8 +233,8 @@ class SampleStage(Stage):
                 for (qid, tl, _), g in zip(part, outs, strict=True):
                     gens[(qid, tl)] = g
         finally:
-            bar.close()
-        return self._assemble(questions, longs, jobs, prompt_len, gens, tokens, time.time() - t0)
+            progress.close()
+        return self._assemble(questions, longs, jobs, prompt_len, gens, progress.tokens, time.time() - progress.t0)
 
     def streams_shards(self) -> bool:
         return self.config.engine == "ray"
@@ -238,7 +247,6 @@ class SampleStage(Stage):
         """engine=ray: every unfinished shard in one Ray Data run, so replicas load the model once and stay
         busy across shard boundaries; a shard is yielded as soon as its last prompt returns, and the runner
         writes it then (a killed job keeps it). `scope(i)` gives shard i its own drop/stat counters."""
-        from tqdm.auto import tqdm
 
         c, seed = self.config, self._seed()
         plans: dict[int, tuple] = {}
@@ -266,15 +274,7 @@ class SampleStage(Stage):
         for i in [i for i, k in left.items() if k == 0]:
             yield i, finish(i)  # every prompt of the shard was dropped
         desc = f"sample[ray {c.replicas}x {self.backend.name}]"
-        bar = tqdm(total=len(jobs), desc=desc, unit="prompt", dynamic_ncols=True)
-        t0, tokens = time.time(), 0
-
-        def progress(done: int, toks: int) -> None:
-            nonlocal tokens
-            tokens += toks
-            bar.update(done)
-            bar.set_postfix_str(f"{tokens / max(time.time() - t0, 1e-9):.0f} tok/s")
-
+        progress = TokenBar(len(jobs), desc)
         try:
             gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
             for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
@@ -285,7 +285,7 @@ class SampleStage(Stage):
                 if left[i] == 0:
                     yield i, finish(i)
         finally:
-            bar.close()
+            progress.close()
         if got:
             raise SolopoError(f"engine ray: shards {sorted(got)} did not get all their prompts back (a bug)")
 
