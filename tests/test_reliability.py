@@ -581,3 +581,17 @@ def test_run_outputs_are_group_readable(synth_run):
     expect = 0o666 & ~pio.current_umask()
     for p in [synth_run / "config.yaml", *(synth_run / "synth").iterdir(), *(synth_run / "load").iterdir()]:
         assert p.stat().st_mode & 0o777 == expect, p
+
+
+def test_a_file_a_later_stage_amends_does_not_make_the_stage_look_damaged(tmp_path, monkeypatch):
+    """Eval adds its table to the trained model's card (train/models/*/README.md): train declares that file
+    `amendable`, so the amendment neither reruns train nor breaks the no-op rerun; any other file still counts."""
+    rd = tmp_path / "run"
+    monkeypatch.setattr(Mul, "amendable", ("notes/*.txt",))
+    Pipeline([Src, Mul], toy(tmp_path)).run()
+    assert set(load_manifest(rd, "mul")["outputs"]) == {"data.parquet"}
+    (rd / "mul" / "notes" / "summary.txt").write_text("amended by a later stage\n")
+    assert statuses(Pipeline([Src, Mul], toy(tmp_path)).run()) == {"src": "cached", "mul": "cached"}
+    from solopo.stages.train import TrainStage
+
+    assert any(Path("models/orpo-solo/README.md").match(g) for g in TrainStage.amendable)

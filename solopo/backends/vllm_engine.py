@@ -71,10 +71,16 @@ class VLLMBackend(_ChatBackend):
             if ctx:
                 kw["max_num_batched_tokens"] = max(ctx, 2048)
             self.settings.update(enable_chunked_prefill=False, max_num_batched_tokens=kw.get("max_num_batched_tokens"))
+            if enforce_eager is None:
+                # torch.compile of the model at every engine start costs minutes on a few cores (each eval model
+                # and the sampler start one); eager starts in ~25 s. sample.enforce_eager=false compiles.
+                enforce_eager = True
+            self.settings["enforce_eager"] = enforce_eager
             note(
                 "vLLM on CPU: "
                 + ", ".join(f"{k}={v}" for k, v in self.settings["env"].items())
-                + " (setdefault: exported values win); chunked prefill off (seeded sampling on CPU needs it)"
+                + " (setdefault: exported values win); chunked prefill off (seeded sampling on CPU needs it); "
+                + ("eager (no torch.compile at start)" if enforce_eager else "torch.compile at start")
             )
         if gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = gpu_memory_utilization

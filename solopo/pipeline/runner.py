@@ -95,10 +95,10 @@ def read_manifest(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
 _UNRECORDED_DIRS = ("shards", "ref_logps")
 
 
-def record_outputs(out_dir: Path, since: float) -> dict[str, dict[str, Any]]:
+def record_outputs(out_dir: Path, since: float, amendable: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Size and sha256 of data.parquet and of every other file the stage wrote in this run (mtime >= its
-    start): plots, cards, views, the trained model. Older files in the dir (another config's model) and
-    checkpoints are not outputs of this run."""
+    start): plots, cards, views, the trained model. Older files in the dir (another config's model),
+    checkpoints and the files a later stage may amend (`Stage.amendable` globs) are not recorded."""
     out: dict[str, dict[str, Any]] = {"data.parquet": output_record(out_dir / "data.parquet", full=True)}
     for p in sorted(out_dir.rglob("*")):
         rel = p.relative_to(out_dir)
@@ -108,6 +108,7 @@ def record_outputs(out_dir: Path, since: float) -> dict[str, dict[str, Any]]:
             or any(part.startswith(".") or part.endswith(".checkpoints") for part in rel.parts)
             or rel.parts[0] in _UNRECORDED_DIRS
             or p.stat().st_mtime < since - 1
+            or any(rel.match(g) for g in amendable)
         ):
             continue
         out[rel.as_posix()] = output_record(p)
@@ -327,7 +328,7 @@ class Pipeline:
             "timings": {"started": t0, "finished": time.time(), "seconds": round(seconds, 3)},
             "libraries": library_versions(),
             "columns": table.column_names,
-            "outputs": record_outputs(out_dir, since=t0),
+            "outputs": record_outputs(out_dir, since=t0, amendable=cls.amendable),
         }
         write_json(manifest, out_dir / "manifest.json")
         write_text(key + "\n", marker)

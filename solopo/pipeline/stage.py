@@ -75,6 +75,9 @@ class Stage:
     writes: ClassVar[tuple[str, ...]] = ()  # columns guaranteed in the output table
     version: ClassVar[str] = "1"  # bump when the output for an unchanged config changes
     shard_size: ClassVar[int | None] = None  # rows per resumable shard; None = one piece
+    # Files (globs relative to the stage dir) that a later stage may amend, e.g. a model card that eval adds its
+    # table to: not part of this stage's integrity record, so the amendment does not make it look damaged.
+    amendable: ClassVar[tuple[str, ...]] = ()
     # Upstream stage whose output is this stage's input; None = a source stage.
     after: ClassVar[str | None] = None
 

@@ -50,6 +50,7 @@ class TrainStage(Stage):
     reads = ("id", "short_prompt", "long_prompt", "chosen_response", "rejected_response")
     writes = ("model_path", "algo", "mode", "alpha", "steps")
     version = "1"
+    amendable = ("models/*/README.md",)  # eval adds its results table to the model card
 
     def fingerprint(self) -> dict[str, Any]:
         model = self.ctx.run.model
