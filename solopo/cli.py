@@ -102,14 +102,12 @@ def _check_force(force: list[str] | None, stages: list[str]) -> tuple[str, ...]:
 
 
 def _run(until: str, config, force: list[str] | None, start: str = "load") -> dict[str, dict[str, Any]]:
+    from solopo.api import chain, run
     from solopo.pipeline.lock import run_dir_lock
-    from solopo.pipeline.runner import Pipeline
-    from solopo.stages import chain
 
-    stages = chain(until, start=start)
-    forced = _check_force(force, [c.name for c in stages])
+    forced = _check_force(force, [c.name for c in chain(until, start=start)])
     with run_dir_lock(config.run.run_dir):  # one writer per run dir, for the whole command
-        return Pipeline(stages, config).run(force=forced)
+        return run(until, config, start=start, force=forced)
 
 
 def _print_summary(summaries: dict[str, dict[str, Any]], run_dir: str) -> None:
