@@ -41,11 +41,12 @@ WHEEL_DATA = {
     "solopo/training/ds_configs/zero2.json",
     "solopo/training/ds_configs/zero3.json",
 }
-DIST_INFO = {"METADATA", "WHEEL", "entry_points.txt", "top_level.txt", "RECORD"}
-# The sdist: the package, README, pyproject, MANIFEST.in, the test suite and the example card; nothing else.
+DIST_INFO = {"METADATA", "WHEEL", "entry_points.txt", "top_level.txt", "RECORD", "licenses/LICENSE"}
+# The sdist: the package, README, LICENSE, pyproject, MANIFEST.in, the test suite and the example card; nothing else.
 SDIST_TOP = {
     "PKG-INFO",
     "README.md",
+    "LICENSE",
     "pyproject.toml",
     "setup.cfg",
     "MANIFEST.in",
@@ -183,6 +184,11 @@ def test_archives_hold_exactly_what_they_should(dists):
     assert names == py | WHEEL_DATA | {f"solopo-{version}.dist-info/{n}" for n in DIST_INFO}
     meta = zipfile.ZipFile(dists["wheel"]).read(f"solopo-{version}.dist-info/METADATA").decode()
     assert f"Version: {version}" in meta and "License-Expression: Apache-2.0" in meta
+    assert "License-File: LICENSE" in meta
+    # The full Apache 2.0 text, byte for byte the repository's LICENSE, in the wheel and in the sdist.
+    license_text = (REPO / "LICENSE").read_bytes()
+    assert b"Apache License" in license_text and b"END OF TERMS AND CONDITIONS" in license_text
+    assert zipfile.ZipFile(dists["wheel"]).read(f"solopo-{version}.dist-info/licenses/LICENSE") == license_text
     assert (
         "solopo = solopo.cli:main"
         in zipfile.ZipFile(dists["wheel"]).read(f"solopo-{version}.dist-info/entry_points.txt").decode()
@@ -195,6 +201,10 @@ def test_archives_hold_exactly_what_they_should(dists):
     assert {m for m in members if m.startswith("tests/")} >= {"tests/conftest.py", "tests/test_wheel.py"}
     assert not [m for m in members if "__pycache__" in m or m.endswith(".pyc")]
     assert "data_cards/example.md" in members
+    assert "LICENSE" in members
+    with tarfile.open(dists["sdist"]) as tar:
+        (lic,) = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == "LICENSE"]
+        assert tar.extractfile(lic).read() == license_text
 
 
 def test_commands_run_from_the_installed_wheel(dists, tmp_path):
