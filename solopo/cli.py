@@ -238,6 +238,23 @@ def train(
         str | None, typer.Option(help="solo (SoLoPO), long (Long-PO), expand-long, short (alpha=0).")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="SoLo-RA weight; default: the paper's for the algorithm.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (train.lr; HF learning_rate).")] = None,
+    epochs: Annotated[
+        float | None, typer.Option("--epochs", help="Epochs, fractional allowed (train.epochs; HF num_train_epochs).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Pairs per device per micro-step (train.micro_batch_size; HF per_device_train_batch_size).",
+        ),
+    ] = None,
+    grad_accum: Annotated[
+        int | None,
+        typer.Option(
+            "--grad-accum", help="Micro-steps per optimizer step (train.grad_accum; HF gradient_accumulation_steps)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
@@ -250,7 +267,17 @@ def train(
     _setup_logging(log_level)
     sets = _overrides(
         set_,
-        **{"train.algo": algo, "train.mode": mode, "train.alpha": alpha, "run.run_dir": run_dir, "run.model": model},
+        **{
+            "train.algo": algo,
+            "train.mode": mode,
+            "train.alpha": alpha,
+            "train.lr": lr,
+            "train.epochs": epochs,
+            "train.micro_batch_size": batch_size,
+            "train.grad_accum": grad_accum,
+            "run.run_dir": run_dir,
+            "run.model": model,
+        },
     )
     cfg = _config(config, sets, preset)
     _print_summary(_run("train", cfg, force), cfg.run.run_dir)

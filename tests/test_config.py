@@ -73,3 +73,71 @@ def test_config_is_frozen():
     cfg = build_config()
     with pytest.raises(Exception):  # noqa: B017 (pydantic raises ValidationError on frozen assignment)
         cfg.load.limit = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "key,hint",
+    [
+        ("train.learning_rate", "did you mean train.lr? (learning_rate is the HF/TRL/LLaMA-Factory name)"),
+        ("train.num_train_epochs", "did you mean train.epochs?"),
+        ("train.per_device_train_batch_size", "did you mean train.micro_batch_size?"),
+        ("train.gradient_accumulation_steps", "did you mean train.grad_accum?"),
+        ("train.lr_scheduler_type", "did you mean train.lr_scheduler?"),
+        ("train.cutoff_len", "did you mean train.max_length?"),
+        ("run.learning_rate", "did you mean train.lr?"),  # an HF name in the wrong section still finds its home
+        ("eval.max_new_tokens", "did you mean eval.max_tokens?"),  # the section's own key when it has one
+        ("sample.max_new_tokens", "did you mean sample.max_tokens?"),
+        ("train.push_to_hub", "solopo does not upload; push the trained folder with `hf upload"),
+        ("train.lrr", "did you mean train.lr?"),  # a typo: close spelling in the same section
+        ("load.limt", "did you mean load.limit?"),
+        ("train.temperature", "did you mean sample.temperature?"),  # a right key in the wrong section
+        ("training.lr", "did you mean section train?"),
+    ],
+)
+def test_unknown_keys_get_a_did_you_mean_hint(key, hint):
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=[f"{key}=1"])
+    loc = key if not key.startswith("training.") else "training"  # an unknown section is reported alone
+    line = next(x for x in str(e.value).splitlines() if x.strip().startswith(f"- {loc}:"))
+    assert f"{loc}: unknown key; {hint}" in line
+    assert "known " in line  # the full list of known keys/sections still follows the hint
+
+
+def test_unknown_key_far_from_everything_gets_no_guess():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["train.zzzqqq=1"])
+    assert "train.zzzqqq: unknown key; known keys: algo" in str(e.value)
+
+
+def test_every_hf_name_points_at_a_real_key():
+    from solopo.pipeline.config import HF_NAMES, _section_keys
+
+    keys = _section_keys()
+    for name, value in HF_NAMES.items():
+        target, _, why = value.partition("|")
+        assert target or why, name
+        if target:
+            section, key = target.split(".")
+            assert key in keys[section], f"{name} -> {target}: no such key"
+
+
+def test_train_cli_flags_set_the_hf_style_settings(monkeypatch):
+    from typer.testing import CliRunner
+
+    import solopo.cli as cli
+
+    seen = {}
+
+    def fake_run(until, config, force, start="load"):
+        seen["train"] = config.train
+        return {}
+
+    monkeypatch.setattr(cli, "_run", fake_run)
+    args = ["train", "--lr", "2e-6", "--epochs", "1.5", "--batch-size", "2", "--grad-accum", "4"]
+    res = CliRunner().invoke(cli.app, [*args, "--run-dir", "unused"])
+    assert res.exit_code == 0, res.output
+    t = seen["train"]
+    assert (t.lr, t.epochs, t.micro_batch_size, t.grad_accum) == (2e-6, 1.5, 2, 4)
+    help_text = CliRunner().invoke(cli.app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    for flag in ("--lr", "--epochs", "--batch-size", "--grad-accum"):
+        assert flag in help_text

@@ -170,6 +170,90 @@ def set_nested(d: dict, parts: list[str], value: Any) -> None:
     d[parts[-1]] = value
 
 
+# Names a TRL / transformers TrainingArguments / LLaMA-Factory user types, and solopo's key for each. A value of None
+# means solopo has no such setting; the text after "|" says what to do instead.
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "train.lr",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_steps": "train.warmup_ratio|solopo takes the warmup as a fraction of the steps",
+    "max_steps": "train.max_steps",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm",
+    "logging_steps": "train.logging_steps",
+    "save_steps": "train.save_steps",
+    "report_to": "train.report_to",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "bf16": "train.dtype|set train.dtype=bf16",
+    "fp16": "train.dtype|fp16 is not supported; train.dtype is auto, bf16 or fp32",
+    "torch_dtype": "train.dtype",
+    "attn_implementation": "train.attn",
+    "deepspeed": "train.deepspeed|solopo takes zero2 or zero3 (or auto/none), not a JSON path",
+    "resume_from_checkpoint": "train.resume",
+    "max_length": "train.max_length",
+    "cutoff_len": "train.max_length",
+    "beta": "train.beta|for ORPO, TRL's beta is train.orpo_lambda",
+    "simpo_gamma": "train.gamma",
+    "loss_type": "train.algo",
+    "pref_loss": "train.algo",
+    "stage": "train.algo",
+    "output_dir": "run.run_dir",
+    "model_name_or_path": "run.model",
+    "model_name": "run.model",
+    "trust_remote_code": "run.trust_remote_code",
+    "dataset_name": "load.source",
+    "dataset": "load.source",
+    "per_device_eval_batch_size": "eval.batch_size",
+    "max_new_tokens": "sample.max_tokens",
+    "num_generations": "sample.n",
+    "num_samples": "sample.n",
+    "push_to_hub": "|solopo does not upload; push the trained folder with `hf upload ORG/NAME "
+    "RUN_DIR/train/models/ALGO-MODE` (the export: `hf upload ORG/NAME RUN_DIR/export --repo-type dataset`)",
+    "hub_model_id": "|solopo does not upload; see push_to_hub",
+}
+
+
+def _section_keys() -> dict[str, list[str]]:
+    return {"run": list(RunSettings.model_fields), **{n: list(c.model_fields) for n, c in sections().items()}}
+
+
+def unknown_key_hint(loc: tuple[str, ...]) -> str:
+    """'did you mean ...' for an unknown config key: the solopo name of an HF/TRL/LLaMA-Factory name, the same key in
+    another section, or a close spelling (difflib) in this section or among the sections."""
+    import difflib
+
+    keys = _section_keys()
+    if len(loc) == 1:  # an unknown section
+        if HF_NAMES.get(loc[0], "|").partition("|")[0]:
+            return f"did you mean {HF_NAMES[loc[0]].partition('|')[0]}? (settings go under their section)"
+        close = difflib.get_close_matches(loc[0], list(keys), n=1, cutoff=0.6)
+        return f"did you mean section {close[0]}?" if close else ""
+    section, key = loc[0], loc[-1]
+    if key in HF_NAMES:
+        target, _, why = HF_NAMES[key].partition("|")
+        if target and target.split(".")[1] in keys.get(section, []):
+            target = f"{section}.{target.split('.')[1]}"  # e.g. max_new_tokens under eval: eval.max_tokens
+        if target and target != f"{section}.{key}":
+            return f"did you mean {target}? ({key} is the HF/TRL/LLaMA-Factory name{'; ' + why if why else ''})"
+        if not target:
+            return why
+    elsewhere = [f"{s}.{key}" for s, ks in keys.items() if key in ks and s != section]
+    if elsewhere:
+        return f"did you mean {' or '.join(elsewhere)}?"
+    close = difflib.get_close_matches(key, keys.get(section, []), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {' or '.join(f'{section}.{c}' for c in close)}?"
+    every = [f"{s}.{k}" for s, ks in keys.items() for k in ks]
+    close = difflib.get_close_matches(key, [e.split(".", 1)[1] for e in every], n=1, cutoff=0.75)
+    if close:
+        return "did you mean " + " or ".join(e for e in every if e.endswith("." + close[0])) + "?"
+    return ""
+
+
 def _format_errors(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
@@ -184,7 +268,8 @@ def _format_errors(err: ValidationError) -> list[str]:
                 known = "; known keys: " + ", ".join(sections()[section].model_fields)
             elif section == "run":
                 known = "; known keys: " + ", ".join(RunSettings.model_fields)
-            msg = f"unknown key{known}"
+            hint = unknown_key_hint(tuple(str(x) for x in e["loc"]))
+            msg = f"unknown key{'; ' + hint if hint else ''}{known}"
         elif e["type"] == "finite_number":
             msg = f"must be a finite number, got {e['input']!r}"
         out.append(f"{loc}: {msg}")
