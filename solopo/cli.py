@@ -487,11 +487,19 @@ def status(
 
 @config_app.command("show")
 @_guard
-def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None) -> None:
-    """Print the fully resolved config (defaults < preset < file < --set)."""
-    from solopo.pipeline.config import dump_config
+def config_show(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    preset: PresetOpt = None,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Each setting's description as a comment above it.")
+    ] = False,
+) -> None:
+    """Print the fully resolved config (defaults < preset < file < --set); the output is a valid config file."""
+    from solopo.pipeline.config import dump_config, explain_config
 
-    typer.echo(dump_config(_config(config, _overrides(set_), preset)))
+    cfg = _config(config, _overrides(set_), preset)
+    typer.echo(explain_config(cfg) if explain else dump_config(cfg))
 
 
 @model_app.command("prepare")

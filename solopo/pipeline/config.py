@@ -66,11 +66,11 @@ def format_length(n: int) -> str:
 class RunSettings(StageConfig):
     """Settings shared by all stages."""
 
-    run_dir: str = "runs/default"
+    run_dir: str = Field(default="runs/default", description="where every stage writes its outputs")
     model: str | None = Field(default=None, description="HF id or local path; None = embedded SmolLM2-135M-Instruct")
-    trust_remote_code: bool = False
-    seed: int = 0
-    preset: str | None = None
+    trust_remote_code: bool = Field(default=False, description="run the model repo's own Python code (HF)")
+    seed: int = Field(default=0, description="seed of every stage whose own seed is None")
+    preset: str | None = Field(default=None, description="named preset applied under the config file")
 
 
 # name -> stage config class. The core imports no stage: whoever imports `solopo.stages` (the CLI, `solopo.api`)
@@ -316,3 +316,31 @@ def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def _comment(text: str, indent: str, width: int = 116) -> list[str]:
+    import textwrap
+
+    return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), width - len(indent) - 2)]
+
+
+def explain_config(cfg: BaseModel) -> str:
+    """dump_config's YAML with every field's description as a comment above it (`solopo config show --explain`);
+    loading the text back gives the same config."""
+    data = config_to_dict(cfg)
+    classes: dict[str, type[BaseModel]] = {"run": RunSettings, **sections()}
+    out: list[str] = []
+    for section, values in data.items():
+        cls = classes[section]
+        doc = cls.__dict__.get("__doc__")
+        if out:
+            out.append("")
+        out += _comment(doc, "") if doc else []
+        out.append(f"{section}:")
+        for key, value in values.items():
+            field = cls.model_fields[key]
+            if field.description:
+                out += _comment(field.description, "  ")
+            text = yaml.safe_dump({key: value}, sort_keys=False, width=1000).rstrip("\n")
+            out += [f"  {line}".rstrip() for line in text.split("\n")]
+    return "\n".join(out) + "\n"

@@ -33,14 +33,21 @@ _DOC_FIELDS = {"i", "title", "text"}
 
 class SynthConfig(StageConfig):
     target_len: list[int] = Field(default=[8192], description="long-context lengths in tokens: 8k, [4k, 8k], 8192")
-    short_docs: Literal["supporting", "own"] = "supporting"
+    short_docs: Literal["supporting", "own"] = Field(
+        default="supporting",
+        description="x_short: the supporting paragraphs (paper's formal x_short) or all of the question's own paragraphs",
+    )
     tolerance: float = Field(default=0.02, ge=0.0, lt=1.0, description="long tokens in [target*(1-tol), target]")
     gold_position: Literal["random"] | float = Field(
         default="random", description="random, or a depth in 0..1 where the gold documents sit as one block"
     )
-    doc_template: str = DOC_TEMPLATE
-    prompt_template: str = PROMPT_TEMPLATE
-    on_unreachable: Literal["fail", "skip"] = "fail"
+    doc_template: str = Field(default=DOC_TEMPLATE, description="one document; fields {i}, {title}, {text}")
+    prompt_template: str = Field(
+        default=PROMPT_TEMPLATE, description="the user message; fields {documents}, {question}"
+    )
+    on_unreachable: Literal["fail", "skip"] = Field(
+        default="fail", description="a question whose contexts cannot reach target_len: stop, or skip it as a drop"
+    )
     verify_sample: int = Field(default=64, ge=0, description="prompts re-tokenized in full to check the counts")
     num_proc: int = Field(default=1, ge=1, description="processes for distractor selection")
     shard_size: int | None = Field(default=2000, ge=1, description="questions per resumable shard")

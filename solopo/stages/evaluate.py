@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from solopo import stats
@@ -47,23 +47,41 @@ DEFAULT_SOURCES = {"musique": "musique-dev-sample", "hotpotqa": "hotpotqa-sample
 
 
 class EvalConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas (solopo.engines)
-    lengths: list[int] = [4096, 8192]
-    datasets: list[Literal["musique", "hotpotqa"]] = ["musique", "hotpotqa"]
-    musique_source: str = DEFAULT_SOURCES["musique"]
-    hotpotqa_source: str = DEFAULT_SOURCES["hotpotqa"]
-    n_questions: int = 100  # per dataset; the same questions at every length
-    depths: list[float] | None = None  # gold-evidence depth sweep, e.g. [0, 0.25, 0.5, 0.75, 1]; None = random
-    include_base: bool = True
-    models: list[str] = []  # extra models to compare: "label=path" or a path/hub id
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    lengths: list[int] = Field(default=[4096, 8192], description="context lengths to evaluate at: 4k,8k")
+    datasets: list[Literal["musique", "hotpotqa"]] = Field(
+        default=["musique", "hotpotqa"], description="held-out QA sets"
+    )
+    musique_source: str = Field(
+        default=DEFAULT_SOURCES["musique"], description="MuSiQue dev: shipped sample, path or hub id"
+    )
+    hotpotqa_source: str = Field(
+        default=DEFAULT_SOURCES["hotpotqa"], description="HotpotQA dev: shipped sample, path or hub id"
+    )
+    n_questions: int = Field(default=100, description="questions per dataset; the same questions at every length")
+    depths: list[float] | None = Field(
+        default=None, description="gold-evidence depth sweep, e.g. [0, 0.25, 0.5, 0.75, 1]; None = random"
+    )
+    include_base: bool = Field(default=True, description="also evaluate run.model (the untrained base)")
+    models: list[str] = Field(default=[], description='extra models to compare: "label=path" or a path/hub id')
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="auto = vLLM when importable, else transformers (announced)"
+    )
     # None = the run's sample.max_tokens: a smaller budget cuts chains of thought before "The answer is:".
-    max_tokens: int | None = None
-    batch_size: int = 8
-    short_docs: Literal["supporting", "own"] | None = None  # None = the run's synth.short_docs
-    match: Literal["word", "substring"] = "word"  # sub-EM rule (solopo.metrics.sub_em); substring = the paper's
-    exclude_from: str | None = None  # run dir or triplet Parquet whose ids must not be evaluated on
-    bootstrap_resamples: int = stats.BOOTSTRAP_RESAMPLES
-    bootstrap_seed: int = 0  # fixed: the report's intervals do not move between reruns
+    max_tokens: int | None = Field(default=None, description="generation budget; None = the run's sample.max_tokens")
+    batch_size: int = Field(default=8, description="prompts per generate call (transformers backend)")
+    short_docs: Literal["supporting", "own"] | None = Field(
+        default=None, description="distractor order as in synth; None = the run's synth.short_docs"
+    )
+    match: Literal["word", "substring"] = Field(
+        default="word", description="sub-EM rule: word (whole tokens) or substring (the paper's raw containment)"
+    )
+    exclude_from: str | None = Field(
+        default=None, description="run dir or triplet Parquet whose ids must not be evaluated on"
+    )
+    bootstrap_resamples: int = Field(
+        default=stats.BOOTSTRAP_RESAMPLES, description="paired bootstrap resamples of the questions"
+    )
+    bootstrap_seed: int = Field(default=0, description="fixed, so the report's intervals do not move between reruns")
 
     @field_validator("lengths", mode="before")
     @classmethod

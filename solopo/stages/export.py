@@ -106,9 +106,9 @@ _LENGTH_SLACK = 8
 
 
 class ExportConfig(StageConfig):
-    trl_view: bool = True
-    llamafactory: bool = True
-    data_card: bool = True
+    trl_view: bool = Field(default=True, description="write trl/*.parquet (prompt/chosen/rejected)")
+    llamafactory: bool = Field(default=True, description="write llamafactory/ (dataset_info.json + files)")
+    data_card: bool = Field(default=True, description="write the README.md data card and its plots")
     name: str = Field(default="solopo", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name (card, LF entries)")
     template: str | None = Field(
         default=None, description="data card template file; None = the packaged solopo/templates/data_card.md"

@@ -23,9 +23,11 @@ class LoadConfig(StageConfig):
     dataset: str = Field(
         default="auto", description="auto (from the shipped name or the file's schema) or a loader name"
     )
-    split: str = "train"  # hub split; shipped samples carry their own
-    answerable_only: bool = True
-    on_bad_record: Literal["fail", "skip"] = "fail"
+    split: str = Field(default="train", description="hub split; shipped samples carry their own")
+    answerable_only: bool = Field(default=True, description="MuSiQue: keep only answerable questions")
+    on_bad_record: Literal["fail", "skip"] = Field(
+        default="fail", description="a malformed line: stop naming it, or skip it and count it as a drop"
+    )
     limit: int | None = Field(default=None, ge=1, description="keep the first N good records")
 
     @field_validator("dataset")

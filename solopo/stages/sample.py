@@ -64,15 +64,19 @@ SAMPLE_SCHEMA = pa.schema(
 
 
 class SampleConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas (solopo.engines)
-    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    backend: Literal["auto", "vllm", "transformers"] = Field(
+        default="auto", description="auto = vLLM when importable, else transformers (announced)"
+    )
     n: int = Field(default=PAPER_N, ge=1, description="samples per prompt (paper: 32)")
     temperature: float = Field(default=PAPER_TEMPERATURE, ge=0.0, description="0 = greedy (paper: 0.85)")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="nucleus sampling; 1 = off")
     max_tokens: int = Field(default=1024, ge=1, description="max generated tokens per sample")
-    on: Literal["short", "both"] = "short"
+    on: Literal["short", "both"] = Field(
+        default="short", description="both: also sample on x_long (the pairs that mode=long trains on)"
+    )
     seed: int | None = Field(default=None, description="None = run.seed")
     shard_size: int = Field(default=64, ge=1, description="input rows per resumable shard")
-    dtype: str = "auto"
+    dtype: str = Field(default="auto", description="weights dtype for generation: auto, bfloat16, float16, float32")
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch / vLLM's OpenMP; None = the usable physical cores"
     )
@@ -88,10 +92,14 @@ class SampleConfig(EngineConfig):  # + engine: local | ray, ray_address, replica
         "batched = prompts x n rows in one generate call (auto on CUDA)",
     )
     # vLLM backend (tensor_parallel_size: in EngineConfig)
-    enable_prefix_caching: bool = True
-    gpu_memory_utilization: float | None = None
-    max_model_len: int | None = None
-    enforce_eager: bool | None = None
+    enable_prefix_caching: bool = Field(default=True, description="vLLM: reuse the KV cache of shared prefixes")
+    gpu_memory_utilization: float | None = Field(
+        default=None, description="vLLM: fraction of GPU memory to use; None = vLLM's default"
+    )
+    max_model_len: int | None = Field(default=None, description="vLLM: context cap; None = the model's")
+    enforce_eager: bool | None = Field(
+        default=None, description="vLLM: skip torch.compile/graphs; None = eager on CPU, compiled on GPU"
+    )
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vLLM LLM(...) args")
 
 

@@ -75,16 +75,21 @@ SELECT_SCHEMA = pa.schema(
 
 
 class SelectConfig(StageConfig):
-    policy: Literal["random", "shortest", "length_matched"] = "random"
+    policy: Literal["random", "shortest", "length_matched"] = Field(
+        default="random",
+        description="chosen/rejected: random; shortest correct; length_matched (rejected closest in length)",
+    )
     match: MatchRule = Field(
         default="word", description="sub-EM rule: word (whole tokens) or substring (the paper's raw containment)"
     )
-    pairs_per_question: int = Field(default=1, ge=1)
-    drop_truncated: bool = True
-    drop_no_answer: bool = True
-    drop_repetitive: bool = True
-    repetition_ngram: int = Field(default=4, ge=1)
-    repetition_min_distinct: float = Field(default=0.5, ge=0.0, le=1.0)
+    pairs_per_question: int = Field(default=1, ge=1, description="pairs kept per question (distinct samples)")
+    drop_truncated: bool = Field(default=True, description="drop samples cut at max_tokens")
+    drop_no_answer: bool = Field(default=True, description="drop samples without a final answer line")
+    drop_repetitive: bool = Field(default=True, description="drop degenerate repetitive samples")
+    repetition_ngram: int = Field(default=4, ge=1, description="n of the n-grams the repetition test counts")
+    repetition_min_distinct: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="repetitive when distinct/total n-grams is below this"
+    )
     max_length_ratio: float | None = Field(
         default=None, ge=1.0, description="bound on longer/shorter (tokens) of chosen vs rejected; None = off"
     )

@@ -13,8 +13,11 @@ from solopo.pipeline.config import StageConfig, parse_length
 
 
 class TrainConfig(StageConfig):
-    algo: Literal["dpo", "simpo", "orpo"] = "orpo"
-    mode: Literal["solo", "long", "expand-long", "short"] = "solo"
+    algo: Literal["dpo", "simpo", "orpo"] = Field(default="orpo", description="preference loss L_PO")
+    mode: Literal["solo", "long", "expand-long", "short"] = Field(
+        default="solo",
+        description="solo = SoLoPO; long = Long-PO; expand-long; short = alpha 0 (README: Training modes)",
+    )
     alpha: float | None = Field(
         default=None, description="SoLo-RA weight; None = paper default (DPO 3, SimPO 1, ORPO 1)"
     )
@@ -31,22 +34,30 @@ class TrainConfig(StageConfig):
     target_len: int | None = Field(
         default=None, description="which long length of the data to train on; None = largest"
     )
-    lr: float = Field(default=5e-7, gt=0)
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float = 1.0
-    epochs: float = Field(default=1.0, gt=0)
+    lr: float = Field(default=5e-7, gt=0, description="peak learning rate (HF learning_rate)")
+    weight_decay: float = Field(default=0.0, description="AdamW weight decay")
+    warmup_ratio: float = Field(default=0.1, description="fraction of the optimizer steps spent warming up")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="decay after warmup (HF lr_scheduler_type)"
+    )
+    max_grad_norm: float = Field(default=1.0, description="gradient clipping norm")
+    epochs: float = Field(
+        default=1.0, gt=0, description="passes over the pairs, fractional allowed (HF num_train_epochs)"
+    )
     max_steps: int | None = Field(
         default=None, gt=0, description="stop after this many optimizer steps (overrides epochs)"
     )
-    micro_batch_size: int = Field(default=1, gt=0)
-    grad_accum: int = Field(default=8, gt=0)
+    micro_batch_size: int = Field(
+        default=1, gt=0, description="pairs per process per micro-step (HF per_device_train_batch_size)"
+    )
+    grad_accum: int = Field(
+        default=8, gt=0, description="micro-steps per optimizer step (HF gradient_accumulation_steps)"
+    )
     max_length: int | None = Field(default=None, description="drop examples with a longer sequence (tokens)")
     logps_chunk: int = Field(
         default=1024, gt=0, description="LM-head rows per chunk when computing completion log-probs"
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = Field(default=True, description="recompute activations in backward (less memory)")
     shared_prefix: bool = Field(
         default=False,
         description="compute each pair's prompt once for chosen and rejected (one packed row, block-causal mask; "
@@ -56,16 +67,32 @@ class TrainConfig(StageConfig):
         default="auto",
         description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
     )
-    offload: Literal["none", "optimizer", "full"] = "none"
-    launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
+    offload: Literal["none", "optimizer", "full"] = Field(
+        default="none", description="DeepSpeed CPU offload: optimizer state, or parameters too (zero3)"
+    )
+    launcher: Literal["auto", "none", "accelerate", "deepspeed"] = Field(
+        default="auto",
+        description="auto: in-process for one rank, else deepspeed (DeepSpeed or hostfile) or accelerate",
+    )
     num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
-    hostfile: str | None = None
-    report_to: Literal["none", "tensorboard", "wandb"] = "none"
-    logging_steps: int = Field(default=1, gt=0)
-    save_steps: int = 0
-    resume: bool = True
-    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    hostfile: str | None = Field(
+        default=None, description="DeepSpeed hostfile for several nodes (`host slots=N` lines)"
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        default="none", description="also log the metrics to TensorBoard (train/models/<algo>-<mode>/runs) or W&B"
+    )
+    logging_steps: int = Field(default=1, gt=0, description="optimizer steps between trainer_state.json log rows")
+    save_steps: int = Field(
+        default=0,
+        description="checkpoint every N optimizer steps for resuming; 0 = none (a killed run restarts at step 0)",
+    )
+    resume: bool = Field(default=True, description="continue from the latest checkpoint of the same config and data")
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto", description="attention kernel (HF attn_implementation)"
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="training dtype; auto = bf16 on GPU, fp32 on CPU"
+    )
     save_dtype: Literal["auto", "fp32"] = Field(
         default="auto", description="dtype of the saved weights: auto = the training dtype (bf16 when trained in bf16)"
     )
