@@ -357,6 +357,37 @@ def test_trl_orpo_keeps_every_answer_at_the_card_length(both_export, tiny_model_
         assert tr.train().training_loss > 0
 
 
+def test_card_trl_example_runs_as_written(both_export, tiny_model_dir, tmp_path, monkeypatch):
+    """The card's "Train with TRL" code runs as printed (TRL 1.16: ORPO from trl.experimental.orpo), with only the
+    model id and the data folder pointed at this test's tiny model and export; DPO and ORPO each train one epoch."""
+    import re
+    import shutil
+
+    import trl
+    from huggingface_hub import DatasetCard
+
+    card = (both_export / "README.md").read_text()
+    section = card.split("## Train with TRL", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "from trl.experimental.orpo import ORPOConfig, ORPOTrainer" in code and not hasattr(trl, "ORPOTrainer")
+    assert 'model_id = "tiny' in code  # a local checkpoint is named by its directory name, never a machine path
+    code = re.sub(r'^model_id = ".*?"', f"model_id = {str(tiny_model_dir)!r}", code, count=1, flags=re.M)
+    # A copy of the export whose example file keeps 2 rows: the code runs unchanged, each trainer does 2 steps.
+    data = tmp_path / "export"
+    shutil.copytree(both_export, data)
+    config = re.search(r'^train = load_dataset\(data_dir, "(\w+)"', code, re.M).group(1)
+    meta = DatasetCard.load(data / "README.md").data.configs
+    (path,) = [c["data_files"][0]["path"] for c in meta if c["config_name"] == config]
+    pq.write_table(pq.read_table(data / path).slice(0, 2), data / path)
+    code = re.sub(r'^data_dir = ".*?"', f"data_dir = {str(data)!r}", code, count=1, flags=re.M)
+    monkeypatch.chdir(tmp_path)  # the example's output_dirs
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    scope: dict = {}
+    exec(compile(code, "card-trl-example", "exec"), scope)  # noqa: S102 (the card's own code is what is tested)
+    assert (tmp_path / "dpo-out").is_dir() and (tmp_path / "orpo-out").is_dir()
+    assert scope["train"].num_rows == 2 and {"prompt", "chosen", "rejected"} <= set(scope["train"].column_names)
+
+
 def test_every_config_loads_with_datasets(both_export, tmp_path):
     from datasets import load_dataset
     from huggingface_hub import DatasetCard

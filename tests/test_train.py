@@ -216,8 +216,10 @@ def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     card = ModelCard.load(Path(out["model_path"]) / "README.md")
     # a local checkpoint has no hub id: named in the text, kept out of base_model; no machine path anywhere
     assert card.data.base_model is None and "`tiny-llama`" in card.text and str(tiny_model_dir) not in str(card)
-    assert card.data.library_name == "transformers" and card.data.datasets == ["musique"]
-    assert {"solopo", "trl", "orpo"} <= set(card.data.tags) and card.data.license is None  # unknown: not invented
+    # datasets by Hub id (the data card's source_datasets id); no `trl` tag: solopo's own loop trained it
+    assert card.data.library_name == "transformers" and card.data.datasets == ["dgslibisey/MuSiQue"]
+    assert {"solopo", "orpo"} <= set(card.data.tags) and "trl" not in card.data.tags
+    assert card.data.license is None  # unknown: not invented
     for fact in (
         "| algorithm | orpo |",
         "| mode | solo |",

@@ -111,7 +111,7 @@ def test_two_ranks_match_one_process(tmp_path, tiny_model_dir, tokenizer, launch
     single = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ranks] == pytest.approx([r["loss"] for r in single], rel=1e-4)
     assert [r["grad_norm"] for r in ranks] == pytest.approx([r["grad_norm"] for r in single], rel=1e-3)
-    assert [r["reward_acc"] for r in ranks] == [r["reward_acc"] for r in single]
+    assert [r["rewards/accuracies"] for r in ranks] == [r["rewards/accuracies"] for r in single]
     w2, w1 = weights(model_dir), weights(one["model_path"])  # rank 0 saved (ZeRO-3: gathered from the shards)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=2e-5)

@@ -79,7 +79,7 @@ def test_training_with_shared_prefix_matches(tmp_path, tiny_model_dir):
     la = [json.loads(x) for x in (Path(a["model_path"]) / "logs.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (Path(b["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-5)
-    assert all(rb["tokens"] < ra["tokens"] for ra, rb in zip(la, lb, strict=True))
+    assert all(rb["num_tokens"] < ra["num_tokens"] for ra, rb in zip(la, lb, strict=True))
     wa, wb = weights(a["model_path"]), weights(b["model_path"])
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=2e-5)

@@ -279,6 +279,7 @@ def render_card(
         "solopo_version": getattr(solopo, "__version__", "?"),
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
         "model": model,
+        "trl_model": trl_model_id(cfg.run.model),
         "model_description": model_desc,
         "files_table": files_table,
         "configs_table": configs_table,
@@ -374,6 +375,13 @@ def public_model_name(model: str | None) -> str:
     if p.exists() or model.startswith(("/", ".", "~")):
         return p.resolve().name or model
     return model
+
+
+def trl_model_id(model: str | None) -> str:
+    """What the card's TRL example loads: the embedded default's hub id (its GGUF provenance is no loadable id),
+    else public_model_name (a hub id, or a local checkpoint's directory name)."""
+    name = public_model_name(model)
+    return name.split(" (", 1)[0] if name == EMBEDDED_PUBLIC else name
 
 
 def _model_description(model: str | None) -> str:

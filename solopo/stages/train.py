@@ -112,15 +112,18 @@ class TrainStage(Stage):
 
     def _write_card(self, result: dict[str, Any], model_path: str, data: pa.Table | None) -> None:
         """README.md model card (HF format) next to the weights; eval adds its table later (add_eval_results)."""
+        from solopo.stages.export_card import SOURCES
         from solopo.training.model_card import base_model_id, base_model_license, write_model_card
 
-        # The source datasets the triplets came from (export's `dataset` column), else the load stage's choice.
+        # The source datasets the triplets came from (export's `dataset` column), else the load stage's choice,
+        # as Hub ids (the card metadata's `datasets` links to the Hub: musique -> dgslibisey/MuSiQue).
         if data is not None and "dataset" in data.column_names:
             datasets = sorted({str(x) for x in data.column("dataset").to_pylist() if x})
         else:
             load = getattr(self.ctx.config, "load", None)
             named = getattr(load, "dataset", None)
             datasets = [named] if named and named != "auto" else []
+        datasets = [SOURCES.get(d, {}).get("hub_id", d) for d in datasets]
         write_model_card(
             result["model_path"],
             base_model=base_model_id(self.ctx.run.model, model_path),

@@ -18,7 +18,8 @@ from solopo.pipeline.io import write_text
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default model's hub id (Apache-2.0)
 _EVAL_START, _EVAL_END = "<!-- solopo:eval:start -->", "<!-- solopo:eval:end -->"
 
-# solopo's per-step log keys -> the names HF Trainer / TRL's DPOTrainer use in log_history
+# solopo's per-step row keys -> the names HF Trainer / TRL's DPOTrainer use in log_history. Every file a user reads
+# (logs.jsonl, trainer_state.json, TensorBoard/W&B) uses the HF names; only history.parquet keeps the raw row.
 _HF_LOG_NAMES = {
     "lr": "learning_rate",
     "reward_chosen": "rewards/chosen",
@@ -26,13 +27,24 @@ _HF_LOG_NAMES = {
     "reward_acc": "rewards/accuracies",
     "tokens": "num_tokens",
 }
+# Averaged over all optimizer steps into all_results.json as train_<name>, as HF does for train_loss.
+_MEANS = (
+    "po_loss",
+    "ra_loss",
+    "ra_distance",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+)
 
 
-def hf_log_row(row: dict[str, Any], steps_per_epoch: int) -> dict[str, Any]:
-    """One training log row in HF's names (loss, grad_norm, learning_rate, rewards/*, epoch as a fraction, step)."""
+def hf_log_row(row: dict[str, Any], steps_per_epoch: int | None = None) -> dict[str, Any]:
+    """One training log row in HF's names (loss, grad_norm, learning_rate, rewards/*, num_tokens, step) with HF's
+    fractional epoch (optimizer steps done / steps per epoch; from the row when steps_per_epoch is not given)."""
     out = {_HF_LOG_NAMES.get(k, k): v for k, v in row.items()}
     out["rewards/margins"] = row["reward_chosen"] - row["reward_rejected"]
-    out["epoch"] = row["step"] / steps_per_epoch
+    out["epoch"] = row["step"] / steps_per_epoch if steps_per_epoch else row["epoch"]
     return out
 
 
@@ -52,7 +64,8 @@ def hf_trainer_files(
 
     `history` holds every step's row (resumed runs included), `session` the steps this process ran (what
     train_runtime and the per-second rates cover, as in HF). total_flos is HF's estimate 6 * non-embedding
-    parameters * tokens."""
+    parameters * tokens. train_loss and every other train_<metric> (po_loss, ra_loss, ra_distance, rewards/*) are
+    means over all optimizer steps, as HF Trainer computes train_loss; the last step's values are in log_history."""
     from transformers import TrainerState
 
     steps = history[-1]["step"] if history else 0
@@ -70,10 +83,11 @@ def hf_trainer_files(
         "train_steps_per_second": round(len(session) / max(seconds, 1e-9), 3),
     }
     last = history[-1] if history else {}
-    for k in ("po_loss", "ra_loss", "reward_acc", "ra_distance"):
-        if k in last:
-            metrics[f"train_{k}"] = last[k]  # the final step's, solopo-specific
-    logged = [hf_log_row(r, steps_per_epoch) for r in history if r["step"] % cfg.logging_steps == 0 or r is last]
+    rows = [hf_log_row(r, steps_per_epoch) for r in history]
+    for k in _MEANS:  # one meaning for every train_* number: the mean over all optimizer steps, like train_loss
+        if rows and k in rows[0]:
+            metrics[f"train_{k}"] = sum(r[k] for r in rows) / len(rows)
+    logged = [h for r, h in zip(history, rows, strict=True) if r["step"] % cfg.logging_steps == 0 or r is last]
     summary = {k: metrics[k] for k in ("train_runtime", "train_samples_per_second", "train_steps_per_second")}
     summary.update(total_flos=flos, train_loss=metrics["train_loss"], epoch=epoch, step=steps)
     state = TrainerState(
@@ -111,6 +125,24 @@ def base_model_id(model: str | None, resolved: str) -> str:
         if part.startswith("models--"):
             return part.removeprefix("models--").replace("--", "/")
     return p.name
+
+
+def is_repo_id(name: str) -> bool:
+    """True for a Hub repo id (`owner/name`, huggingface_hub's own rules); False for a bare name or a path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _dataset_link(name: str) -> str:
+    return f"[{name}](https://huggingface.co/datasets/{name})" if is_repo_id(name) else f"`{name}`"
 
 
 def _read_card_data(path: Path) -> dict[str, Any]:
@@ -153,7 +185,8 @@ def write_model_card(
 ) -> Path:
     """Write model_dir/README.md in the standard HF model-card format (YAML metadata + markdown body).
 
-    `result` is what training returned (algo, mode, alpha, beta, steps, examples, target_len, dtype, final)."""
+    `result` is what training returned (algo, mode, alpha, beta, steps, examples, target_len, dtype, final);
+    `datasets` the Hub ids of the source datasets (e.g. dgslibisey/MuSiQue)."""
     import huggingface_hub
     import torch
     import transformers
@@ -163,15 +196,17 @@ def write_model_card(
 
     algo, mode = result["algo"], result["mode"]
     name = Path(model_dir).name
-    on_hub = "/" in base_model  # a local checkpoint's name is no hub id: named in the text, not in the metadata
+    on_hub = is_repo_id(base_model)  # a local checkpoint's name is no hub id: named in the text, not in the metadata
     data = ModelCardData(
         base_model=base_model if on_hub else None,
-        datasets=datasets or None,
+        # the metadata takes Hub dataset ids only (the hub links them); other names stay in the text
+        datasets=[d for d in datasets if is_repo_id(d)] or None,
         library_name="transformers",
         license=license,
         model_name=name,
         pipeline_tag="text-generation",
-        tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"],
+        # no `trl` tag: solopo's own loop trained it (TRL is a test peer, not a dependency of the training)
+        tags=["solopo", algo, f"solopo-{mode}", "long-context"],
     )
     setting = {
         "algorithm": algo,
@@ -204,7 +239,7 @@ This model is {f"[{base_model}](https://huggingface.co/{base_model})" if on_hub 
 {chr(10).join(f"| {k} | {'' if v is None else v} |" for k, v in setting.items())}
 
 Data: {result["examples"]} preference triplets (short prompt, long prompt, chosen, rejected)
-{"from " + ", ".join(datasets) if datasets else ""}.
+{"from " + ", ".join(_dataset_link(d) for d in datasets) if datasets else ""}.
 
 ## Final training metrics
 

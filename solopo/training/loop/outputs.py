@@ -12,6 +12,7 @@ import torch
 
 from solopo.pipeline.errors import MissingDependencyError
 from solopo.pipeline.io import write_json
+from solopo.training.model_card import hf_log_row
 
 log = logging.getLogger("solopo")
 
@@ -95,10 +96,11 @@ def log_row(row: dict, model_dir: Path, writer) -> None:
         row["peak_mem_gb"],
     )
     model_dir.mkdir(parents=True, exist_ok=True)
+    hf = hf_log_row(row)  # HF's names and fractional epoch, as in trainer_state.json's log_history
     with open(model_dir / "logs.jsonl", "a") as f:  # append-only log; the model dir is replaced at the end
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(hf) + "\n")
     if writer is not None:
-        for k, v in row.items():
+        for k, v in hf.items():
             if isinstance(v, (int, float)) and k != "step":
                 writer.add_scalar(f"train/{k}", v, row["step"])
 

@@ -42,7 +42,7 @@ from solopo.training.logprobs import CompletionLogps, use_segment_attention
 from solopo.training.losses import (
     OBJECTIVES,
 )
-from solopo.training.model_card import hf_trainer_files
+from solopo.training.model_card import hf_log_row, hf_trainer_files
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
@@ -239,7 +239,7 @@ def train(
     if rank == 0:
         # A fresh run starts a fresh log; a resumed one continues the checkpoint's (rows after it are redone).
         logged = [r for r in state.history if r["step"] % cfg.logging_steps == 0]
-        write_text("".join(json.dumps(r) + "\n" for r in logged), model_dir / "logs.jsonl")
+        write_text("".join(json.dumps(hf_log_row(r, steps_per_epoch)) + "\n" for r in logged), model_dir / "logs.jsonl")
 
     # -- loop
     objective = OBJECTIVES[cfg.algo]
@@ -278,7 +278,8 @@ def train(
             if nonfinite:
                 raise nonfinite_error(nonfinite, state.step, step_ids, step_losses, cfg, rank)
             row = agg.finish(time.time() - t0, device, world)
-            row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
+            # epoch as HF logs it: optimizer steps done / steps per epoch (fractional)
+            row.update(step=state.step, epoch=state.step / steps_per_epoch, lr=backend.lr(), grad_norm=grad_norm)
             state.history.append(row)
             if rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == total_steps):
                 log_row(row, model_dir, writer)
