@@ -121,3 +121,52 @@ def test_logs_jsonl_matches_trainer_state_log_history(tmp_path, tiny_model_dir):
         assert results[f"train_{key}"] == pytest.approx(sum(r[key] for r in logs) / 3), key
     raw = pa.parquet.read_table(d / "history.parquet").to_pylist()
     assert [r["epoch"] for r in raw] == pytest.approx([0.25, 0.5, 0.75])  # one meaning in every file
+
+
+# --- the paper's presets and YAML recipes -------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+# SoLoPO's stated alphas (reference: Qwen2.5-7B SoLo-DPO 3, SoLo-SimPO 1, SoLo-ORPO 1; Llama-3.1-8B SoLo-ORPO 4)
+PAPER_ALPHA = {
+    ("paper-qwen2.5-7b", "dpo"): 3.0,
+    ("paper-qwen2.5-7b", "simpo"): 1.0,
+    ("paper-qwen2.5-7b", "orpo"): 1.0,
+    ("paper-llama3.1-8b", "orpo"): 4.0,
+}
+
+
+@pytest.mark.parametrize("preset,algo", list(PAPER_ALPHA))
+def test_paper_presets_resolve_offline_to_the_papers_settings(preset, algo, monkeypatch):
+    from typer.testing import CliRunner
+
+    from solopo.api import build_config
+    from solopo.cli import app
+    from solopo.training.loop.settings import DEFAULT_ALPHA
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(app, ["config", "show", "--preset", preset, "--set", f"train.algo={algo}"])
+    assert res.exit_code == 0, res.output
+    cfg = build_config(preset=preset, overrides=[f"train.algo={algo}"])
+    alpha = DEFAULT_ALPHA[algo] if cfg.train.alpha is None else cfg.train.alpha
+    assert alpha == PAPER_ALPHA[(preset, algo)]
+    assert cfg.run.model == {"paper-qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct"}.get(
+        preset, "meta-llama/Llama-3.1-8B-Instruct"
+    )
+    assert (cfg.load.source, cfg.load.dataset) == ("dgslibisey/MuSiQue", "musique")
+    assert cfg.synth.target_len == [8192] and cfg.train.target_len == 8192 and cfg.train.mode == "solo"
+    assert (cfg.sample.n, cfg.sample.temperature) == (32, 0.85)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_yaml_recipes_cite_the_paper_and_give_its_alpha(recipe):
+    from solopo.api import build_config
+
+    text = recipe.read_text()
+    assert "arXiv 2505.11166" in text and "NOT from the paper" in text  # cited; the unknowns said, not invented
+    cfg = build_config(recipe)
+    assert PAPER_ALPHA[(cfg.run.preset, cfg.train.algo)] == cfg.train.alpha
+    assert recipe.name == f"{cfg.run.preset}-solo-{cfg.train.algo}.yaml"
+
+
+def test_every_paper_combination_has_a_recipe():
+    names = {p.name for p in (REPO / "recipes").glob("*.yaml")}
+    assert names == {f"{preset}-solo-{algo}.yaml" for preset, algo in PAPER_ALPHA}

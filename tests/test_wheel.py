@@ -54,6 +54,7 @@ SDIST_TOP = {
     "solopo.egg-info",
     "tests",
     "data_cards",
+    "recipes",
 }
 
 GUARD = """
@@ -202,6 +203,9 @@ def test_archives_hold_exactly_what_they_should(dists):
     assert not [m for m in members if "__pycache__" in m or m.endswith(".pyc")]
     assert "data_cards/example.md" in members
     assert "LICENSE" in members
+    assert {m for m in members if m.startswith("recipes/")} == {
+        p.relative_to(REPO).as_posix() for p in (REPO / "recipes").glob("*.yaml")
+    }
     with tarfile.open(dists["sdist"]) as tar:
         (lic,) = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == "LICENSE"]
         assert tar.extractfile(lic).read() == license_text

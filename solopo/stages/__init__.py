@@ -23,3 +23,4 @@ def chain(until: str, start: str = "load") -> list[type[Stage]]:
 
 # Import order = pipeline order; each module calls `register`.
 from . import load, synth, sample, select, export, train, evaluate  # noqa: E402,F401,I001
+from . import recipes  # noqa: E402,F401  (the paper's presets)
