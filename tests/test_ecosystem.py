@@ -170,3 +170,19 @@ def test_yaml_recipes_cite_the_paper_and_give_its_alpha(recipe):
 def test_every_paper_combination_has_a_recipe():
     names = {p.name for p in (REPO / "recipes").glob("*.yaml")}
     assert names == {f"{preset}-solo-{algo}.yaml" for preset, algo in PAPER_ALPHA}
+
+
+def test_report_to_tensorboard_logs_the_hf_names(tmp_path, tiny_model_dir):
+    """README: train.report_to=tensorboard writes the log rows, under HF's names, to <model dir>.tensorboard."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    res = run(tmp_path, tiny_model_dir, algo="simpo", max_steps=2, report_to="tensorboard")
+    d = Path(res["model_path"])
+    events = EventAccumulator(str(d.with_name(d.name + ".tensorboard")))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/rewards/chosen", "train/rewards/accuracies"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    logs = [json.loads(x) for x in (d / "logs.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in logs])

@@ -79,7 +79,8 @@ class TrainConfig(StageConfig):
         default=None, description="DeepSpeed hostfile for several nodes (`host slots=N` lines)"
     )
     report_to: Literal["none", "tensorboard", "wandb"] = Field(
-        default="none", description="also log the metrics to TensorBoard (train/models/<algo>-<mode>/runs) or W&B"
+        default="none",
+        description="also log the metrics to TensorBoard (train/models/<algo>-<mode>.tensorboard) or W&B",
     )
     logging_steps: int = Field(default=1, gt=0, description="optimizer steps between trainer_state.json log rows")
     save_steps: int = Field(
