@@ -348,6 +348,7 @@ def train_loop(
 ) -> None:  # fmt: skip
     """Optimizer steps until total_steps; state.step/history advance in place (a checkpoint every save_steps)."""
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     objective = OBJECTIVES[cfg.algo]
     writer = make_writer(cfg, paths.model_dir, rt.rank)
@@ -357,32 +358,34 @@ def train_loop(
         torch.cuda.reset_peak_memory_stats(rt.device)
     bar = tqdm(total=sched.total_steps, initial=state.step, desc=f"train {cfg.algo}-{cfg.mode}", disable=rt.rank != 0)
     try:
-        while state.step < sched.total_steps:
-            epoch, in_epoch = divmod(state.step, sched.steps_per_epoch)
-            # Global batches of this epoch; this rank takes its slice of each.
-            batches = length_grouped_batches(lengths, sched.global_batch, seed, epoch)
-            step_idx = batches[in_epoch][rt.rank * sched.per_step : (rt.rank + 1) * sched.per_step]
-            t0 = time.time()
-            agg = train_step(
-                backend, objective, params, [data.examples[i] for i in step_idx], cfg, model.pad_id,
-                data.with_long, rt.device, ref,
-            )  # fmt: skip
-            state.step += 1
-            # Gradients, updated weights and losses finite, or stop here: no checkpoint, no model, no _SUCCESS.
-            grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), agg.losses, rt.device)
-            if nonfinite:
-                raise nonfinite_error(nonfinite, state.step, agg.ids, agg.losses, cfg, rt.rank)
-            row = agg.finish(time.time() - t0, rt.device, rt.world)
-            row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
-            state.history.append(row)
-            if rt.rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == sched.total_steps):
-                log_row(row, paths.model_dir, writer)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}"
-                )
-            bar.update(1)
-            if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < sched.total_steps:
-                save_checkpoint(backend, paths, state, rt)
+        # Log lines go through the bar (tqdm.write) instead of running into it on the console.
+        with logging_redirect_tqdm():  # root handlers (the CLI logs there)
+            while state.step < sched.total_steps:
+                epoch, in_epoch = divmod(state.step, sched.steps_per_epoch)
+                # Global batches of this epoch; this rank takes its slice of each.
+                batches = length_grouped_batches(lengths, sched.global_batch, seed, epoch)
+                step_idx = batches[in_epoch][rt.rank * sched.per_step : (rt.rank + 1) * sched.per_step]
+                t0 = time.time()
+                agg = train_step(
+                    backend, objective, params, [data.examples[i] for i in step_idx], cfg, model.pad_id,
+                    data.with_long, rt.device, ref,
+                )  # fmt: skip
+                state.step += 1
+                # Gradients, updated weights and losses finite, or stop here: no checkpoint, no model, no _SUCCESS.
+                grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), agg.losses, rt.device)
+                if nonfinite:
+                    raise nonfinite_error(nonfinite, state.step, agg.ids, agg.losses, cfg, rt.rank)
+                row = agg.finish(time.time() - t0, rt.device, rt.world)
+                row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
+                state.history.append(row)
+                if rt.rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == sched.total_steps):
+                    log_row(row, paths.model_dir, writer)
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}"
+                    )
+                bar.update(1)
+                if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < sched.total_steps:
+                    save_checkpoint(backend, paths, state, rt)
     except torch.OutOfMemoryError as e:
         raise TrainingError(
             f"out of memory at step {state.step + 1} ({e.__class__.__name__}). Options that help: train on a shorter "
