@@ -276,7 +276,7 @@ def test_status_shows_stale_after_upstream_or_config_change(synth_run, small_ctx
     code, out = cli("status", "--run-dir", str(rd), *same)
     assert "synth   done" in out, out
     code, out = cli("status", "--run-dir", str(rd), *same, "-s", "synth.tolerance=0.05")
-    assert "synth   stale" in out and "config changed: synth.tolerance" in out
+    assert "synth   stale" in out and "the next run redoes it: synth.tolerance: 0.02 -> 0.05" in out
     # load reruns with another limit (only load): synth was built from the old load output.
     cfg = build_config(overrides={"run": {"run_dir": str(rd), "model": str(small_ctx_model)}, "load": {"limit": 6}})
     assert statuses(Pipeline(chain("load"), cfg).run()) == {"load": "ran"}
