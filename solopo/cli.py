@@ -528,7 +528,7 @@ def status(
     states = {"cached": "done", "rerun": "stale", "repair": "damaged", "resume": "partial", "run": "-"}
     for pl in plan(cfg, strict=False):
         state = states.get(pl.action, pl.action)
-        if pl.action == "repair" and not pl.reason.startswith("damaged"):
+        if pl.action == "repair" and pl.reason.startswith("its input"):
             state = "stale"
         m = pl.manifest or {}
         line = f"  {pl.name:<7} {state:<8}"

@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -210,8 +211,13 @@ def test_eval_in_a_training_run_then_copied_and_moved_run_dirs(tmp_path, tiny_mo
     assert code == 0, out
     report = json.loads((ra / "eval" / "report.json").read_text())
     assert report["model_paths"]["orpo-solo"] == "train/models/orpo-solo"
+    assert f"{ra / 'eval' / 'report.md'}  the eval report" in out
     code, out = cli("status", "--run-dir", ra)
     assert code == 0 and "stale" not in out and "  eval    done" in out, out
+    with open(ra / "eval" / "report.md", "a") as f:  # a hand-edited report reruns nothing
+        f.write("\nMy reading of these numbers.\n")
+    code, out = cli("eval", "--run-dir", ra, *ev)
+    assert code == 0 and statuses(out) == {"eval": "cached"}, out
 
     # cp -a, then mv the original away: the copy evaluates its own model and writes only its own card.
     rb, rc = tmp_path / "r-B", tmp_path / "r-C"
@@ -228,3 +234,46 @@ def test_eval_in_a_training_run_then_copied_and_moved_run_dirs(tmp_path, tiny_mo
     # the moved run dir still works: its stages are done, its eval cached
     code, out = cli("eval", "--run-dir", rc, *ev)
     assert code == 0 and statuses(out) == {"eval": "cached"}, out
+
+
+def test_eval_from_run_takes_every_eval_setting_of_the_run(tmp_path, tiny_model_dir, scripted, keep_logging):
+    """Issue 22.4: lengths, n_questions, datasets, match, run.seed, run.model (the base) and what the run's eval
+    excludes (its loaded ids and its own eval.exclude_from) come from the run; options given still win."""
+    from solopo.api import build_config
+    from solopo.datasets import load_records
+    from solopo.pipeline.config import dump_config
+    from solopo.pipeline.io import write_parquet, write_text
+
+    dev = load_records("musique-dev-sample", dataset="musique", split="validation", answerable_only=True)
+    x = tmp_path / "X"
+    other = tmp_path / "other-ids.parquet"
+    write_parquet(pa.table({"id": [dev[1].id]}), other)
+    cfg = build_config(
+        overrides={
+            "run": {"run_dir": str(x), "model": str(tiny_model_dir), "seed": 3},
+            "sample": {"max_tokens": 77},
+            "eval": {"lengths": ["1k"], "n_questions": 2, "datasets": ["musique"], "match": "substring",
+                     "exclude_from": str(other), "models": ["ignored=/nowhere"]},
+        }
+    )  # fmt: skip
+    write_text(dump_config(cfg), x / "config.yaml")
+    write_parquet(pa.table({"id": [dev[0].id, "not-a-dev-id"]}), x / "load" / "data.parquet")
+
+    e = tmp_path / "E"
+    code, out = cli("eval", "--from-run", x, "-m", f"mine={tiny_model_dir}", "--base", "--n-questions", "3",
+                    "--backend", "transformers", "--run-dir", e)  # fmt: skip
+    assert code == 0, out
+    saved = build_config(e / "config.yaml")
+    assert saved.eval.lengths == [1024] and saved.eval.datasets == ["musique"] and saved.eval.match == "substring"
+    assert saved.eval.n_questions == 3  # the option given here wins
+    assert (
+        saved.run.seed == 3
+        and saved.run.model == str(tiny_model_dir)
+        and saved.eval.models == [f"mine={tiny_model_dir}"]
+    )
+    report = json.loads((e / "eval" / "report.json").read_text())
+    assert report["settings"]["seed"] == 3 and report["settings"]["max_tokens"] == 77
+    assert report["models"][0] == "base (tiny-llama)"
+    m = json.loads((e / "eval" / "manifest.json").read_text())
+    assert m["drops"]["musique:overlaps_training_ids"] == 2
+    assert set(m["drop_examples"]["musique:overlaps_training_ids"]) == {dev[0].id, dev[1].id}

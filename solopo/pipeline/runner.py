@@ -343,7 +343,7 @@ class Pipeline:
             pl = StagePlan(cls.name, "cached", key=key, manifest=m, expensive=cls.expensive)
             if cls.name in force or "all" in force:
                 pl.action, pl.reason = "force", "--force"
-            elif up is not None and up.action == "repair":
+            elif up is not None and up.action == "repair" and marker is not None:
                 pl.action, pl.reason = "repair", f"its input '{up.name}' is rebuilt from a damaged output"
             elif marker is None:
                 progress = cls.progress(out_dir)
@@ -354,7 +354,7 @@ class Pipeline:
             else:
                 problem = verify_outputs(out_dir, quick=quick)
                 if problem:
-                    pl.action, pl.reason = "repair", f"damaged: {problem}"
+                    pl.action, pl.reason = "repair", problem
             plans.append(pl)
         return plans
 

@@ -85,8 +85,12 @@ class TrainStage(Stage):
 
         cfg: TrainConfig = self.config
         if data is not None and data.num_rows == 0:  # select ran with allow_empty=true: say why it is empty
-            sel = self.ctx.upstream_dirs.get("select", Path("select")) / "manifest.json"
-            drops = read_json(sel).get("drops", {}) if sel.exists() else "unknown (no select manifest)"
+            from solopo.pipeline.runner import read_manifest
+
+            sel_dir = self.ctx.upstream_dirs.get("select", Path("select"))
+            sel = sel_dir / "manifest.json"
+            m, problem = read_manifest(sel_dir)
+            drops = (m.get("drops") or {}) if m is not None else f"unknown ({problem})"
             raise SolopoError(
                 f"train: the exported triplets are empty (0 pairs); select's drops by reason: {drops} (see {sel}). "
                 "Sample more (sample.n), use a stronger model, or check the answers, then rerun `solopo pair`"
