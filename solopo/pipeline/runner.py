@@ -249,11 +249,15 @@ def rerun_refusal(plans: list[StagePlan]) -> RerunRefused | None:
     costly = [p for p in plans if p.action == "rerun" and p.expensive]
     if not costly:
         return None
-    causes = [p for p in plans if p.action == "rerun" and not p.reason.startswith("its input")]
+    # the cheaper stages whose changed settings cause it (load, synth...), named with their keys
+    causes = [p for p in plans if p.action == "rerun" and not p.expensive and not p.reason.startswith("its input")]
     lines = [f"  - {p.name} ({p.recorded()}): {p.reason}" for p in costly]
-    why = "; ".join(f"{p.name}: {p.reason}" for p in causes) or costly[0].reason
+    why = "".join(f"\n  - {p.name}: {p.reason}" for p in causes)
     return RerunRefused(
-        "this command would redo finished work (nothing was run):\n" + "\n".join(lines) + f"\nbecause of {why}.\n"
+        "this command would redo finished work (nothing was run):\n"
+        + "\n".join(lines)
+        + (f"\nbecause these settings changed:{why}" if why else "")
+        + "\n"
         "Add --rerun to accept (these results are replaced); to keep them, leave those settings as the run dir has "
         "them (`solopo config show --run-dir DIR` shows them) or use another --run-dir. `solopo status` shows "
         "what a command would redo."
