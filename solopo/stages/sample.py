@@ -132,6 +132,7 @@ def question_seed(run_seed: int, qid: str) -> int:
 @register
 class SampleStage(Stage):
     name = "sample"
+    expensive = True  # hours of GPU time: never redone unasked (--rerun)
     Config = SampleConfig
     after = "synth"
     version = "1"
