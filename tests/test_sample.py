@@ -288,24 +288,123 @@ def test_stage_samples_do_not_depend_on_shard_size(tmp_path, tiny_model_dir):
     assert run(tmp_path / "a", 1, 2) == run(tmp_path / "b", 4, 8)
 
 
-def test_gumbel_sampler_draws_from_the_softmax():
+def test_seeded_sampler_draws_from_the_softmax():
     """Hand-worked: logits log([0.5, 0.3, 0.2, 0]) -> frequencies 0.5/0.3/0.2/0 over many independent rows."""
     import math
 
     import torch
 
-    from solopo.backends.hf import _GumbelSampler, sample_key
+    from solopo.backends.hf import _SeededSampler, sample_key
 
     rows = 20000
     scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2), -math.inf]]).repeat(rows, 1)
-    sampler = _GumbelSampler([sample_key(3, j) for j in range(rows)], prompt_width=4, device="cpu")
-    picks = sampler(torch.zeros((rows, 4), dtype=torch.long), scores).argmax(-1)
+    sampler = _SeededSampler([sample_key(3, j) for j in range(rows)], prompt_width=4, device="cpu")
+    out = sampler(torch.zeros((rows, 4), dtype=torch.long), scores)
+    assert ((out == 0).sum(-1) == 1).all() and ((out == 0) | (out == -math.inf)).all()  # one token per row
+    picks = out.argmax(-1)
     freq = torch.bincount(picks, minlength=4).float() / rows
     # binomial sd at p=0.5, n=20000 is 0.0035: 4 sd
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015), freq
-    # the next decode step draws fresh noise for the same row
+    # the next decode step draws a fresh uniform for the same row
     step1 = sampler(torch.zeros((rows, 5), dtype=torch.long), scores).argmax(-1)
     assert (step1 != picks).float().mean() > 0.3
+
+
+def test_uniforms_stay_below_one_and_edges_never_pick_a_zero():
+    """Issue 22.1: the old float32 uniform (k + 0.5) / 2^24 rounded to 1.0 at k = 2^24 - 1 (Gumbel noise +inf).
+    The largest uniform now is (2^52 - 1) / 2^52 < 1; u = 0 and u -> 1 pick the first and last tokens of
+    nonzero probability, never the zeros around them."""
+    import torch
+
+    from solopo.backends.hf import inverse_cdf
+
+    assert torch.tensor(float((1 << 24) - 1) + 0.5, dtype=torch.float32) / float(1 << 24) == 1.0  # the old bug
+    top = torch.tensor((1 << 52) - 1, dtype=torch.long).to(torch.float64) / float(1 << 52)
+    assert top < 1.0
+    p = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.9999, float(top)], dtype=torch.float64)
+    assert inverse_cdf(p, u).tolist() == [1, 1, 3, 3, 3]
+    # a cdf whose total rounds below the target: the last nonzero token, not the index past the end
+    assert inverse_cdf(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64), torch.tensor([1.0])).tolist() == [1]
+
+
+@pytest.fixture(scope="module")
+def real_logits():
+    """Next-token logits (49,152-token vocabulary) of the embedded SmolLM2-135M-Instruct at 4 positions of a
+    chain-of-thought answer, the first token of the answer among them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from solopo.backends import render_chat_ids
+    from solopo.models import prepare_embedded_model
+
+    path = prepare_embedded_model()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = render_chat_ids(tok, render_prompt([render_document(1, "Paris", "Paris is in France.")], "Where is Paris?"))
+    ids += tok("Document 1 says that Paris is in France.\nThe answer is: France", add_special_tokens=False).input_ids
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0].float()  # (s, vocab)
+    assert logits.shape[-1] == 49152
+    return logits[[-17, -13, -7, -1]]  # (4, vocab): 10, 4, 12 and 2 tokens hold 90% of the mass at T = 0.85
+
+
+def _chi2_two_sample(a, b) -> float:
+    """p-value of the chi-square test that two count vectors come from one distribution (bins with fewer than 10
+    counts in total pooled into one)."""
+    import numpy as np
+    from scipy.stats import chi2_contingency
+
+    a, b = np.asarray(a), np.asarray(b)
+    big = (a + b) >= 10
+    table = np.stack([np.append(a[big], a[~big].sum()), np.append(b[big], b[~big].sum())])
+    table = table[:, table.sum(0) > 0]
+    return float(chi2_contingency(table)[1])
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sampler_on_the_real_vocabulary_vs_multinomial(real_logits, top_p):
+    """Issue 22.1 on the real 49K vocabulary at T = 0.85: 4 x 256 draws through the logits processors as generate
+    runs them (temperature, top-p, sampler), then 4 x 25,000 draws of the sampler's own uniforms (keys x decode
+    steps) through the same inverse_cdf: no token of probability 0 is ever drawn, and the counts match
+    torch.multinomial's (chi-square, p > 1e-4) and the probabilities themselves."""
+    import numpy as np
+    import torch
+    from scipy.stats import chisquare
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from solopo.backends.hf import _SeededSampler, inverse_cdf, sample_key
+
+    procs = [TemperatureLogitsWarper(0.85)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    rows_per = 256
+    for r, logits in enumerate(real_logits):
+        scores = logits[None].repeat(rows_per, 1)
+        for proc in procs:
+            scores = proc(None, scores)
+        p = torch.softmax(scores[0], -1, dtype=torch.float64)
+        allowed = p > 0
+        if top_p < 1:
+            assert 0 < int(allowed.sum()) < 49152  # the filter removed tokens: the case that used to fail
+        sampler = _SeededSampler([sample_key(r, j) for j in range(rows_per)], prompt_width=1, device="cpu")
+        picks = sampler(torch.zeros((rows_per, 1), dtype=torch.long), scores).argmax(-1)
+        assert allowed[picks].all()
+
+        # The bulk: 25,000 draws = 1,000 rows x 25 decode steps of the sampler's uniform stream.
+        keys = _SeededSampler([sample_key(100 + r, j) for j in range(1000)], prompt_width=0, device="cpu")
+        u = torch.cat([keys.uniforms(step) for step in range(25)])
+        ours = inverse_cdf(p, u)
+        assert allowed[ours].all(), f"drew {int((~allowed[ours]).sum())} filtered token(s)"
+        gen = torch.Generator().manual_seed(r)
+        ref = torch.multinomial(p.float(), len(u), replacement=True, generator=gen)
+        a = torch.bincount(ours, minlength=p.numel()).numpy()
+        b = torch.bincount(ref, minlength=p.numel()).numpy()
+        assert _chi2_two_sample(a, b) > 1e-4
+        # goodness of fit against the probabilities (tokens expected fewer than 10 times pooled)
+        exp = p.numpy() * len(u)
+        big = exp >= 10
+        obs = np.append(a[big], a[~big].sum())
+        want = np.append(exp[big], exp[~big].sum())
+        assert chisquare(obs[want > 0], want[want > 0] * obs.sum() / want.sum()).pvalue > 1e-4
 
 
 def test_threads_knob_and_settings_in_manifest(tmp_path, tiny_model_dir):

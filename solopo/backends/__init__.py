@@ -51,6 +51,8 @@ class Generation:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (hit max_tokens)
     num_tokens: int  # generated tokens, EOS included when the model stopped on it
+    # False when a decode step of this sample met NaN/inf logits (transformers backend; vLLM does not report it)
+    finite: bool = True
 
 
 class Backend(Protocol):

@@ -134,7 +134,7 @@ class SampleStage(Stage):
     name = "sample"
     Config = SampleConfig
     after = "synth"
-    version = "1"
+    version = "2"  # 2: the transformers sampler no longer emits filtered tokens (issue 22.1)
     reads = ("id", "question", "answers", "short_prompt", "long_prompt", "target_len")
     writes = (
         "id",
