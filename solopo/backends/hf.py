@@ -41,6 +41,7 @@ class TransformersBackend(_ChatBackend):
         prefill: Literal["auto", "shared", "batched"] = "auto",
         threads: int | None = None,
         note: Callable[[str], None] | None = None,
+        reproducible: bool = False,
         **_: Any,
     ):
         import torch
@@ -57,7 +58,9 @@ class TransformersBackend(_ChatBackend):
 
             self.settings["threads"] = set_torch_threads(threads)
             self.settings["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (spin)")
-        if dtype == "auto":
+        if dtype == "auto" and reproducible:
+            torch_dtype = torch.float32  # bf16 logits depend on the batch (issue 22: 10/12 samples alone vs batched)
+        elif dtype == "auto":
             # bf16 on GPU and on CPUs with bf16 matrix units; fp32 on other CPUs, where bf16 is emulated.
             from solopo.hardware import cpu_has_native_bf16
 
@@ -70,7 +73,7 @@ class TransformersBackend(_ChatBackend):
             model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.dtype = self.effective_dtype = str(torch_dtype).removeprefix("torch.")
         self.batch_size = max(1, batch_size or (32 if on_cpu else 512))
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id

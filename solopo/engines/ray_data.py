@@ -183,6 +183,7 @@ class Replica:
                 "finish_reasons": pa.array([[g.finish_reason for g in gens] for gens in outs], pa.list_(pa.string())),
                 "num_tokens": pa.array([[g.num_tokens for g in gens] for gens in outs], pa.list_(pa.int32())),
                 "replica": pa.array([self.where] * len(prompts), pa.string()),
+                "dtype": pa.array([self.backend.effective_dtype] * len(prompts), pa.string()),
             }
         )
 
@@ -255,7 +256,9 @@ class RayDataBackend:
         if name == "auto" and ctx_note is not None:
             ctx_note(f"backend auto -> {self.name} on every Ray replica (resolved on the driver)")
         self.model_path, self.layout = model_path, layout
-        self.opts = dict(opts)  # seed included: vLLM's engine seed, as in engine=local
+        # seed included: vLLM's engine seed, as in engine=local. Not log_file: a replica's output is Ray's to
+        # collect (its worker logs), and the driver's run dir need not exist on the replica's node.
+        self.opts = {k: v for k, v in opts.items() if k != "log_file"}
         if self.name == "transformers" and layout.tensor_parallel_size > 1:
             raise RayEngineError("tensor_parallel_size > 1 needs the vllm backend (transformers runs on one device)")
         self.started = connect(layout.address, num_cpus=None)
@@ -287,6 +290,7 @@ class RayDataBackend:
             limit = min(limit or opts["max_model_len"], opts["max_model_len"])
         self._max_context = limit
         self.dtype = opts.get("dtype", "auto") + " (resolved on each replica)"
+        self.effective_dtype = self.dtype  # until a replica reports the dtype it runs in
 
     # --- Backend interface -------------------------------------------------------------------------
     @property
@@ -320,6 +324,9 @@ class RayDataBackend:
         if self.started:
             import_ray().shutdown()
             self.started = False
+
+    def _dtypes_seen(self) -> set[str]:
+        return set() if "resolved on each replica" in self.effective_dtype else set(self.effective_dtype.split(","))
 
     # --- streaming ----------------------------------------------------------------------------------
     def batch_prompts(self, n: int) -> int:
@@ -396,6 +403,7 @@ class RayDataBackend:
                 except ray.exceptions.RayError as e:  # a replica's error, wrapped by Ray Data and Ray Core
                     raise replica_error(e) from None
                 keys = out.column("key").to_pylist()
+                self.effective_dtype = ",".join(sorted(set(out.column("dtype").to_pylist()) | self._dtypes_seen()))
                 texts = out.column("texts").to_pylist()
                 reasons = out.column("finish_reasons").to_pylist()
                 toks = out.column("num_tokens").to_pylist()
