@@ -439,3 +439,115 @@ def test_physical_cores_and_vllm_cpu_env(monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(hardware.usable_cpus()[0])
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+WATCHED = """
+import subprocess, sys, time
+from solopo.hardware import stop_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+dog = stop_with_parent({child.pid})
+print(child.pid, dog.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_watchdog_stops_children_when_the_parent_is_killed(tmp_path):
+    """Issue 21.10, the mechanism the vLLM backend uses for its engine core (tests/test_vllm.py runs it on a
+    real engine): after kill -9 of the parent, the watched process is stopped; the watchdog then exits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, text=True)
+    child, dog = map(int, parent.stdout.readline().split())
+    assert _running(child) and _running(dog)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and (_running(child) or _running(dog)):
+        time.sleep(0.2)
+    assert not _running(child) and not _running(dog)
+
+
+def test_watchdog_exits_when_the_watched_process_ends_first():
+    import subprocess
+    import sys
+
+    from solopo.hardware import stop_with_parent
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    dog = stop_with_parent({child.pid})
+    child.wait()  # reaped: the pid is gone
+    assert dog is not None and dog.wait(timeout=20) == 0
+
+
+def test_vllm_dtype_is_explicit(tiny_model_dir, monkeypatch):
+    """Issue 26.1/22.3: vLLM gets a dtype, never "auto": reproducible -> fp32; an fp32 checkpoint -> bf16 where
+    the device has bf16 units (vLLM's own choice), else fp32; an explicit dtype wins."""
+    from solopo import hardware
+    from solopo.backends.vllm_engine import resolve_vllm_dtype
+
+    path = str(tiny_model_dir)  # saved in float32
+    assert resolve_vllm_dtype("auto", path, on_cpu=True, trust_remote_code=False, reproducible=True) == "float32"
+    assert resolve_vllm_dtype("float16", path, True, False, True) == "float16"
+    assert resolve_vllm_dtype("auto", path, on_cpu=False, trust_remote_code=False, reproducible=False) == "bfloat16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert resolve_vllm_dtype("auto", path, on_cpu=True, trust_remote_code=False, reproducible=False) == "float32"
+
+
+def test_reproducible_transformers_runs_fp32_and_records_it(tmp_path, tiny_model_dir):
+    write_synth(tmp_path, synth_rows(1))
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, n=1, max_tokens=2, reproducible=True)).run()
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["dtype"] == "float32" and m["stats"]["reproducible"] is True
+    assert "vllm_log" not in m["stats"]
+
+
+def test_all_empty_samples_fail_and_some_warn(tmp_path, tiny_model_dir, monkeypatch):
+    """Issue 21.9: a model whose logits are NaN samples empty strings; a shard with nothing else stops the stage
+    (exit 2 through the CLI), a few are counted in the manifest and the log."""
+    from solopo.pipeline.errors import SolopoError
+
+    fb = FakeBackend()
+    real = fb.generate
+
+    def empty(prompts, n, temperature, top_p, max_tokens, seed, progress=None):
+        return [[Generation("", "stop", 1, finite=False) for _ in range(n)] for _ in prompts]
+
+    fb.generate = empty
+    monkeypatch.setattr(backends, "get_backend", lambda *a, **k: fb)
+    write_synth(tmp_path, synth_rows(2))
+    with pytest.raises(SolopoError, match=r"all 4 samples .*\(4 of them met NaN/inf logits"):
+        Pipeline([SampleStage], config(tmp_path, tiny_model_dir)).run()
+
+    def some(prompts, n, temperature, top_p, max_tokens, seed, progress=None):
+        out = real(prompts, n, temperature, top_p, max_tokens, seed, progress)
+        out[0][0] = Generation("", "stop", 1)
+        return out
+
+    fb.generate = some
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir)).run()
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["empty_samples"] == 1 and m["stats"]["nonfinite_logit_samples"] == 0
+    assert "1 of 4 samples are empty (they select no pair)" in m["notes"]
+
+
+def test_nan_logits_are_flagged_by_the_transformers_backend(tiny_model_dir):
+    """A checkpoint with NaN weights: every sample is flagged non-finite (greedy and sampled)."""
+    import torch
+
+    b = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    with torch.no_grad():
+        b.model.model.norm.weight.fill_(float("nan"))
+    for temperature in (0.0, 0.9):
+        out = b.generate(PROMPTS[:2], n=2, temperature=temperature, top_p=1.0, max_tokens=3, seed=[1, 2])
+        assert all(not g.finite for gens in out for g in gens)

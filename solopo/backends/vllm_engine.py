@@ -40,26 +40,39 @@ from solopo.pipeline.errors import MissingDependencyError
 log = logging.getLogger("solopo")
 
 
+_FD_STREAMS: list[Any] = []  # text streams on file descriptors 1 and 2, made once, never closed
+
+
 @contextmanager
 def engine_output_to(path: Path | None) -> Iterator[None]:
-    """Send everything written to this process's stdout and stderr (file descriptors 1 and 2) to `path` while
-    vLLM runs: its loggers, warnings, C++ and OpenMP prints. An engine-core process started inside inherits the
-    file for its whole life. None: leave the console as it is."""
+    """Send what vLLM writes to `path` while it runs: this process's stdout and stderr file descriptors are
+    pointed at the file (C++ and OpenMP prints; an engine-core process started inside inherits the file for its
+    whole life), and sys.stdout/sys.stderr are text streams on those descriptors, so that the logging handler
+    vLLM (re)configures at engine start, and Python warnings, write through them even where sys.stdout was
+    replaced (pytest, notebooks). None: leave the console as it is."""
     if path is None:
         yield
         return
+    if not _FD_STREAMS:
+        _FD_STREAMS.extend(
+            open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+            for fd in (1, 2)
+        )
     sys.stdout.flush()
     sys.stderr.flush()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     saved = os.dup(1), os.dup(2)
+    streams = sys.stdout, sys.stderr
     try:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
+        sys.stdout, sys.stderr = _FD_STREAMS
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for st in _FD_STREAMS:
+            st.flush()
+        sys.stdout, sys.stderr = streams
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for f in (fd, *saved):
@@ -247,7 +260,7 @@ class VLLMBackend(_ChatBackend):
                 temperature=0.0 if greedy else temperature,
                 top_p=1.0 if greedy else top_p,
                 max_tokens=max_tokens,
-                seed=s,  # per prompt: a question's samples do not depend on its batch neighbours
+                seed=s,  # per prompt: its random stream; its logits still depend on the batch (module docstring)
             )
             for s in seeds
         ]

@@ -10,7 +10,10 @@ empty with `on: short`). Sharded by input rows: a crash after 3 of 10 shards los
 
 engine: local runs the backend in this process, one shard after another; ray (solopo.engines.ray_data) runs
 `replicas` copies of it under Ray Data and gets every unfinished shard at once (`run_shards`), each written as
-soon as its last prompt returns. Seeds are per prompt (`job_seed`), so both engines give the same samples.
+soon as its last prompt returns. Seeds are per prompt (`job_seed`). What that makes reproducible (README:
+Reproducibility): the transformers backend in fp32 gives the same samples whatever the shards, batches or engine;
+vLLM gives the same samples on a rerun only with reproducible=true (in-process engine, fp32, and the fixed
+chunks of prompts below), and different ones when shard_size, n or the engine change the batches.
 """
 
 from __future__ import annotations
@@ -262,7 +265,8 @@ class SampleStage(Stage):
         seed = self._seed()
         progress = self._stage_bar(len(jobs))
         t0, tokens0 = time.time(), progress.tokens
-        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
+        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call. The
+        # chunks are fixed by the shard's job order, so a rerun (or a resume) feeds vLLM the same batches.
         per_call = getattr(self.backend, "batch_size", 256)
         chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
         gens: dict[tuple[str, int | None], list] = {}
