@@ -282,6 +282,7 @@ class EvalStage(Stage):
             trust_remote_code=self.ctx.run.trust_remote_code,
             batch_size=self.config.batch_size,
             tensor_parallel_size=self.config.tensor_parallel_size,
+            log_file=self.ctx.out_dir / "vllm.log",  # vLLM's own output, off the console (issue 26.1)
         )
 
     def _generate(self, backend, label: str, prompts: list[str], max_tokens: int) -> list:
