@@ -33,6 +33,7 @@ import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
+from solopo.training import peft as lora
 from solopo.training.data import (
     build_examples,
     length_grouped_batches,
@@ -46,7 +47,7 @@ from solopo.training.model_card import hf_trainer_files
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
-from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_model
+from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_adapter_model, save_model
 from .reference import examples_digest, reference_logps
 from .settings import (
     TrainingError,
@@ -140,7 +141,9 @@ def train(
     # -- model and tokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attn, **lora.load_kwargs(cfg, dtype)
+    )
     lm.config.use_cache = False
     if cfg.disable_dropout:
         if disable_dropout(lm):
@@ -151,10 +154,17 @@ def train(
         note("dropout stays on in the policy (train.disable_dropout=false): DPO's step-1 loss is not log 2")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # train.peft: LoRA layers injected into `lm` in place; peft_model (None without) is the reference switch.
+    peft_model = lora.wrap(lm, cfg, zero3=cfg.deepspeed == "zero3", note=note)
     if cfg.shared_prefix and not use_segment_attention(lm):
         note(f"shared_prefix with {attn} attention builds a dense (b, 1, s, s) mask (O(s^2)); sdpa avoids it")
     # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
-    module = CompletionLogps(lm, chunk_size=cfg.logps_chunk, sync_chunks=cfg.deepspeed == "zero3" and world > 1)
+    module = CompletionLogps(
+        lm,
+        chunk_size=cfg.logps_chunk,
+        sync_chunks=cfg.deepspeed == "zero3" and world > 1,
+        reentrant_head=peft_model is not None and cfg.deepspeed == "zero3",  # frozen head under ZeRO-3
+    )
     if not use_ds:
         module.to(device)
 
@@ -181,11 +191,11 @@ def train(
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
     steps_per_epoch = max(1, math.ceil(len(examples) / global_batch))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(lora.trainable(module), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if use_ds and cfg.offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = DeepSpeedCPUAdam(lora.trainable(module), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     if use_ds:
         try:
@@ -220,7 +230,10 @@ def train(
     # -- DPO reference log-probs, once, with the initial weights (= the reference); cached with the data
     ref = None
     if cfg.algo == "dpo":
-        ref = reference_logps(forward, module, examples, pad_id, cfg, out_dir, model_path, rank, world, note, device)
+        with lora.reference_context(peft_model):  # LoRA: the adapter disabled, i.e. the base model
+            ref = reference_logps(
+                forward, module, examples, pad_id, cfg, out_dir, model_path, rank, world, note, device
+            )
 
     # -- resume
     state = RunState()
@@ -308,7 +321,7 @@ def train(
 
     # -- save the final model in HF format, in the training dtype unless train.save_dtype=fp32
     loop_seconds = time.time() - t_loop
-    sd = backend.full_state_dict()
+    sd = backend.full_state_dict() if peft_model is None else lora.adapter_state_dict(peft_model, cfg, rank)
     check_state_finite(sd if rank == 0 else None, device)
     if rank == 0:
         save_dtype = torch.float32 if cfg.save_dtype == "fp32" else dtype
@@ -323,7 +336,12 @@ def train(
             n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in lm.named_parameters() if "embed" not in n),
             world=world,
         )
-        save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files)
+        if peft_model is None:
+            save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files)
+        else:
+            save_adapter_model(
+                peft_model, tokenizer, sd, model_dir, save_dtype, model_path, cfg.merge_adapter, hf_files
+            )
         if cfg.save_steps > 0:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         plot_curves(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
@@ -368,6 +386,7 @@ def train(
         "dtype": str(dtype).removeprefix("torch."),
         "save_dtype": "float32" if cfg.save_dtype == "fp32" else str(dtype).removeprefix("torch."),
         "deepspeed": cfg.deepspeed,
+        "peft": lora.describe(peft_model, cfg),
         "notes": notes,
         "drops": drops_out,
     }
