@@ -128,7 +128,7 @@ def test_train_cli_flags_set_the_hf_style_settings(monkeypatch):
 
     seen = {}
 
-    def fake_run(until, config, force, start="load"):
+    def fake_run(until, config, *args, **kwargs):
         seen["train"] = config.train
         return {}
 
@@ -144,14 +144,20 @@ def test_train_cli_flags_set_the_hf_style_settings(monkeypatch):
 
 
 def test_every_setting_has_a_description():
+    from pydantic import BaseModel
+
     from solopo.pipeline.config import RunSettings, sections
 
-    missing = [
-        f"{s}.{k}"
-        for s, cls in {"run": RunSettings, **sections()}.items()
-        for k, f in cls.model_fields.items()
-        if not (f.description or "").strip()
-    ]
+    def undescribed(prefix: str, cls: type[BaseModel]) -> list[str]:
+        out = []
+        for k, f in cls.model_fields.items():
+            if not (f.description or "").strip():
+                out.append(f"{prefix}.{k}")
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):  # nested, e.g. train.lora
+                out += undescribed(f"{prefix}.{k}", f.annotation)
+        return out
+
+    missing = [m for s, cls in {"run": RunSettings, **sections()}.items() for m in undescribed(s, cls)]
     assert missing == []
 
 
@@ -168,6 +174,8 @@ def test_config_show_explain_prints_descriptions_as_comments_and_stays_loadable(
     # the description sits on the comment line right above its key, in its section
     i = lines.index("  lr: 2.0e-06")
     assert lines[i - 1] == "  # peak learning rate (HF learning_rate)"
+    k = lines.index("    r: 16")  # a nested section's keys are explained too
+    assert lines[k - 1] == "    # adapter rank" and lines[k - 2] == "  lora:"
     j = next(n for n, line in enumerate(lines) if line.startswith("  save_steps: "))
     assert lines[j - 1].startswith("  # checkpoint every N optimizer steps for resuming; 0 = none")
     # the printed text is a config file: loading it (or passing it back with -c) gives the same config

@@ -122,13 +122,13 @@ def test_dropout_off_by_default_dpo_starts_at_log2(tmp_path, dropout_model_dir):
     off = run(tmp_path / "off", dropout_model_dir, **kw)
     first = log_rows(off["model_path"])[0]
     assert first["po_loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["reward_chosen"] == pytest.approx(0, abs=1e-5) and first["reward_rejected"] == pytest.approx(
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-5) and first["rewards/rejected"] == pytest.approx(
         0, abs=1e-5
     )
     assert any("dropout disabled" in n for n in off["notes"])
     on = run(tmp_path / "on", dropout_model_dir, **kw, disable_dropout=False)
     first = log_rows(on["model_path"])[0]
-    assert abs(first["po_loss"] - math.log(2)) > 1e-4 and abs(first["reward_chosen"]) > 1e-2
+    assert abs(first["po_loss"] - math.log(2)) > 1e-4 and abs(first["rewards/chosen"]) > 1e-2
     assert any("dropout stays on" in n for n in on["notes"])
 
 
