@@ -163,6 +163,7 @@ class EvalStage(Stage):
 
     def _models(self, data: pa.Table | None) -> list[EvalModel]:
         from solopo.models import EMBEDDED_NAME, resolve_model
+        from solopo.training import peft as lora
 
         models: list[EvalModel] = []
         if self.config.include_base:
@@ -178,7 +179,7 @@ class EvalStage(Stage):
                 models.append(EvalModel(label, path, "trained", row.get("algo"), row.get("mode"), True))
         for spec in self.config.models:
             label, path = parse_model_spec(spec)
-            path = resolve_model(path)
+            path = str(Path(path).expanduser().resolve()) if lora.is_adapter_dir(path) else resolve_model(path)
             rec = training_record(path)
             if rec:
                 models.append(EvalModel(label, path, "trained", rec["algo"], rec["mode"]))
@@ -282,7 +283,18 @@ class EvalStage(Stage):
             trust_remote_code=self.ctx.run.trust_remote_code,
             batch_size=self.config.batch_size,
             tensor_parallel_size=self.config.tensor_parallel_size,
+            log_file=self.ctx.out_dir / "vllm.log",  # vLLM's own output, off the console (issue 26.1)
         )
+
+    def _generation_path(self, model: EvalModel, info: dict[str, Any]) -> str:
+        """A LoRA adapter dir (train.merge_adapter=false) is evaluated merged into its base; recorded per model."""
+        from solopo.training import peft as lora
+
+        if not lora.is_adapter_dir(model.path):
+            return model.path
+        path, info["adapter"] = lora.merged_for_eval(model.path, self.ctx.out_dir / "merged", self.ctx.note)
+        self._adapters[model.label] = info["adapter"]
+        return path
 
     def _generate(self, backend, label: str, prompts: list[str], max_tokens: int) -> list:
         """Greedy answers, one per prompt: the one place eval calls a generation engine."""
@@ -359,8 +371,9 @@ class EvalStage(Stage):
         self.ctx.stat("max_tokens_from", budget_from)
         self.ctx.stat("match", self.config.match)
         out: dict[str, list] = defaultdict(list)
+        self._adapters: dict[str, dict[str, Any]] = {}
         for model, info in zip(models, self._models_info, strict=True):
-            backend = self._backend(model.path)
+            backend = self._backend(self._generation_path(model, info))
             info["backend"] = backend.name
             info["dtype"] = str(getattr(backend, "dtype", "engine default"))
             info["backend_settings"] = dict(getattr(backend, "settings", {}))  # engine options, when it states them
@@ -425,6 +438,7 @@ class EvalStage(Stage):
                 mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
             ),
             "exclude_from": c.exclude_from,
+            "adapters": getattr(self, "_adapters", {}),  # label -> how a LoRA adapter dir was evaluated
             "versions": library_versions(),
         }
 
