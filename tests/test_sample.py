@@ -331,22 +331,17 @@ def test_uniforms_stay_below_one_and_edges_never_pick_a_zero():
 @pytest.fixture(scope="module")
 def real_logits():
     """Next-token logits (49,152-token vocabulary) of the embedded SmolLM2-135M-Instruct at 4 positions of a
-    chain-of-thought answer, the first token of the answer among them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    chain-of-thought answer, the first token of the answer among them: bench/sample/bench_sampler.py's, shared."""
+    import importlib.util
+    from pathlib import Path
 
-    from solopo.backends import render_chat_ids
-    from solopo.models import prepare_embedded_model
-
-    path = prepare_embedded_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids = render_chat_ids(tok, render_prompt([render_document(1, "Paris", "Paris is in France.")], "Where is Paris?"))
-    ids += tok("Document 1 says that Paris is in France.\nThe answer is: France", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0].float()  # (s, vocab)
-    assert logits.shape[-1] == 49152
-    return logits[[-17, -13, -7, -1]]  # (4, vocab): 10, 4, 12 and 2 tokens hold 90% of the mass at T = 0.85
+    path = Path(__file__).resolve().parents[1] / "bench" / "sample" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits = bench.answer_logits()
+    assert logits.shape == (4, 49152)
+    return logits
 
 
 def _chi2_two_sample(a, b) -> float:
