@@ -116,7 +116,7 @@ def test_on_both_samples_every_long_prompt(tmp_path, tiny_model_dir, fake):
     assert out[0]["long_samples"][0]["samples"] != out[0]["samples"]
 
 
-def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
+def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake, capsys):
     write_synth(tmp_path, synth_rows(10))
     cfg = config(tmp_path, tiny_model_dir, shard_size=1)
     fake.fail_on_call = 4  # dies while sampling shard 4 of 10
@@ -128,7 +128,9 @@ def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
 
     fake.calls.clear()
     fake.fail_on_call = None
+    capsys.readouterr()
     Pipeline([SampleStage], cfg).run()
+    assert "10/10" in capsys.readouterr().err  # the stage's one bar starts at the 3 resumed prompts
     assert [c[0].split("Question: ")[1] for c in fake.calls] == [f"Where was person {i} born?" for i in range(3, 10)]
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["shards"] == {"count": 10, "resumed": 3, "rows_per_shard": 1}
@@ -195,6 +197,8 @@ def test_tiny_model_sampling_manifest_and_progress(tmp_path, tiny_model_dir, cap
     assert any("n=3" in n and "paper: n=32" in n for n in m["notes"])  # the reduction is announced
     err = capsys.readouterr().err
     assert "sample[transformers]" in err and "tok/s" in err
+    # One bar for the stage's 3 shards (issue 26.2: it restarted per shard, 2/2, 2/2, 1/1, with no overall ETA).
+    assert "5/5" in err and "2/2" not in err and "1/1" not in err
 
 
 def test_transformers_backend_seeded_and_greedy(tiny_model_dir):
