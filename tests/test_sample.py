@@ -550,3 +550,26 @@ def test_nan_logits_are_flagged_by_the_transformers_backend(tiny_model_dir):
     for temperature in (0.0, 0.9):
         out = b.generate(PROMPTS[:2], n=2, temperature=temperature, top_p=1.0, max_tokens=3, seed=[1, 2])
         assert all(not g.finite for gens in out for g in gens)
+
+
+def test_engine_death_quotes_the_workers_error(tmp_path):
+    """Issue 21.6: with vLLM's engine in its own process, its main process says only "Engine core initialization
+    failed. See root cause above"; the cause is the worker's line in the engine log (these lines are from a real
+    log of a model dir without weights; tests/test_vllm.py starts the real engine in-process)."""
+    from solopo.backends.vllm_engine import root_cause
+
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953]     raise RuntimeError(\n"
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953] RuntimeError: Cannot find any model "
+        "weights with `/m/no-weights`\n"
+        "(EngineCore pid=26026) INFO 12-03 13:11:31 [multiproc_executor.py:479] [shutdown] Executor: waiting\n"
+        "(EngineCore pid=26026) ERROR 12-03 13:11:33 [core.py:1510] Exception: WorkerProc initialization failed "
+        "due to an exception in a background process. See stack trace for root cause.\n"
+        "Process EngineCore:\n"
+        "Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace "
+        "for root cause.\n"
+    )
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    assert root_cause(log, exc) == "RuntimeError: Cannot find any model weights with `/m/no-weights`"
+    assert root_cause(None, exc).startswith("RuntimeError: Engine core initialization failed")  # no log: its own

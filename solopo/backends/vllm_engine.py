@@ -82,6 +82,10 @@ def engine_output_to(path: Path | None) -> Iterator[None]:
 _ERROR_LINE = re.compile(r"^\s*(?:\(\S+ pid=\d+\)\s*)?(?:ERROR .*?\] )?([A-Za-z_.]*(?:Error|Exception)): (.+)$")
 
 
+# vLLM's processes re-raise a worker's error wrapped in these; the line to quote is the one they wrap.
+_WRAPPERS = re.compile(r"root cause|initialization failed|Engine core|died unexpectedly|background process", re.I)
+
+
 def root_cause(log_path: Path | None, exc: BaseException) -> str:
     """The engine's own error: vLLM's main process says only "Engine core initialization failed. See root cause
     above" or raises EngineDeadError; the cause is the last exception line the engine core wrote to its log."""
@@ -91,7 +95,7 @@ def root_cause(log_path: Path | None, exc: BaseException) -> str:
     lines = log_path.read_text(errors="replace").splitlines()[-400:]
     for line in reversed(lines):
         m = _ERROR_LINE.match(line)
-        if m and "See root cause above" not in line and "EngineDeadError" not in m.group(1):
+        if m and not _WRAPPERS.search(line) and "EngineDeadError" not in m.group(1):
             return f"{m.group(1)}: {m.group(2)[:600]}"
     return own
 
