@@ -149,6 +149,7 @@ def question_seed(run_seed: int, qid: str) -> int:
 @register
 class SampleStage(Stage):
     name = "sample"
+    expensive = True  # hours of GPU time: never redone unasked (--rerun)
     Config = SampleConfig
     after = "synth"
     version = "2"  # 2: the transformers sampler no longer emits filtered tokens (issue 22.1)
