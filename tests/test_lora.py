@@ -254,6 +254,9 @@ def test_resume_from_a_checkpoint_with_lora(tmp_path, tiny_model_dir):
             run(tmp_path / "part", tiny_model_dir, **kw)
     finally:
         T._Agg.finish = real
+    # the checkpoint holds the adapter (and the optimizer), not the frozen base
+    ckpt = torch.load(tmp_path / "part/models/orpo-solo.checkpoints/step-2/state.pt", weights_only=True)
+    assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])
     resumed = run(tmp_path / "part", tiny_model_dir, **kw)
     assert any("resumed from checkpoint" in n for n in resumed["notes"]) and resumed["steps"] == 4
     a = load_file(Path(full["model_path"]) / lora.ADAPTER_WEIGHTS)
