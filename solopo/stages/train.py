@@ -71,17 +71,31 @@ class TrainStage(Stage):
                 f"train: the exported triplets are empty (0 pairs); select's drops by reason: {drops} (see {sel}). "
                 "Sample more (sample.n), use a stronger model, or check the answers, then rerun `solopo pair`"
             )
-        model_path = resolve_model(self.ctx.run.model)
+        model_path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
         plan = launch_plan(cfg)
         if plan.in_process:
             result = train(
-                cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source, ctx=self.ctx
+                cfg,
+                model_path=model_path,
+                table=data,
+                out_dir=self.ctx.out_dir,
+                seed=seed,
+                source=source,
+                ctx=self.ctx,
+                trust_remote_code=self.ctx.run.trust_remote_code,
             )
         else:
             result = run_launched(
-                plan, cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source
+                plan,
+                cfg,
+                model_path=model_path,
+                table=data,
+                out_dir=self.ctx.out_dir,
+                seed=seed,
+                source=source,
+                trust_remote_code=self.ctx.run.trust_remote_code,
             )
             for n in result.get("notes", []):
                 self.ctx.note(n)
