@@ -32,9 +32,10 @@ import pyarrow as pa
 import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
-from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
+from solopo.pipeline.io import read_parquet, write_parquet, write_text
 from solopo.training.data import (
     build_examples,
+    context_note,
     length_grouped_batches,
     select_target_len,
 )
@@ -46,7 +47,19 @@ from solopo.training.model_card import hf_trainer_files
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
-from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_model
+from .outputs import (
+    CheckpointClock,
+    discard_staging,
+    log_row,
+    make_writer,
+    model_dirs,
+    open_staging,
+    plot_curves,
+    resume,
+    resume_key,
+    save_checkpoint,
+    save_model,
+)
 from .reference import examples_digest, reference_logps
 from .settings import (
     TrainingError,
@@ -68,7 +81,16 @@ class RunState:
     history: list[dict] = field(default_factory=list)
 
 
-def train(
+def train(cfg, model_path: str, out_dir: str | Path = "runs/train", **kw: Any) -> dict[str, Any]:
+    """Train one model; returns the result (model path, steps, final metrics). Runs on every rank. However it
+    ends, the run's staging dir (logs, then the model) is gone: renamed into place, or removed on failure."""
+    try:
+        return _train(cfg, model_path, out_dir=out_dir, **kw)
+    finally:
+        discard_staging(out_dir, cfg)
+
+
+def _train(
     cfg,
     model_path: str,
     table: pa.Table | None = None,
@@ -77,9 +99,11 @@ def train(
     seed: int = 0,
     source: str = "export/data.parquet",
     ctx=None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train one model; returns the result (model path, steps, final metrics). Runs on every rank."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from solopo.models import model_context_limit
 
     t_start = time.time()
     notes: list[str] = []
@@ -93,7 +117,9 @@ def train(
         notes.append(msg)
 
     # -- distributed env, dtype, attention
-    ds_choice, ds_why = resolve_deepspeed(cfg, model_path, int(os.environ.get("WORLD_SIZE", 1)), pick_dtype(cfg.dtype))
+    ds_choice, ds_why = resolve_deepspeed(
+        cfg, model_path, int(os.environ.get("WORLD_SIZE", 1)), pick_dtype(cfg.dtype), trust_remote_code
+    )
     if cfg.deepspeed == "auto":
         cfg = cfg.model_copy(update={"deepspeed": ds_choice})
         notes.append(f"train.deepspeed=auto -> {ds_choice} ({ds_why})")  # a choice, recorded (rank not known yet)
@@ -138,9 +164,11 @@ def train(
         _keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weakref)
 
     # -- model and tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+    )
     lm.config.use_cache = False
     if cfg.disable_dropout:
         if disable_dropout(lm):
@@ -166,7 +194,10 @@ def train(
     table, target_len = select_target_len(table, cfg.target_len, source)
     # The (x_long, y_w) forward only exists for SoLo-RA; solo with alpha=0 is the short-only baseline.
     with_long = cfg.mode == "solo" and params.alpha > 0
-    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length)
+    context = model_context_limit(model_path, trust_remote_code)
+    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length, context)
+    if drops.get("over_model_context"):
+        note(context_note(len(drops["over_model_context"]), context))
     for reason, ids in drops.items():
         drops_out[reason] = ids
         if ctx is not None:
@@ -205,17 +236,8 @@ def train(
 
     # -- model dir, checkpoints
     out_dir = Path(out_dir)
-    model_dir = out_dir / "models" / f"{cfg.algo}-{cfg.mode}"
-    ckpt_dir = model_dir.with_name(model_dir.name + ".checkpoints")
-    run_key = stable_hash(
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "model": model_path,
-            "seed": seed,
-            "world": world,
-            "data": examples_digest(examples),
-        }
-    )
+    model_dir, ckpt_dir, staging = model_dirs(out_dir, cfg)
+    run_key = resume_key(cfg, model=model_path, seed=seed, world=world, data=examples_digest(examples))
 
     # -- DPO reference log-probs, once, with the initial weights (= the reference); cached with the data
     ref = None
@@ -224,22 +246,16 @@ def train(
 
     # -- resume
     state = RunState()
-    if cfg.resume and cfg.save_steps > 0:
-        latest = latest_checkpoint(ckpt_dir, run_key)
-        if latest is not None:
-            client = backend.load_checkpoint(latest)
-            state.step = int(client.get("step", 0))
-            state.history = list(client.get("history", []))
-            note(f"resumed from checkpoint {latest} at step {state.step}")
-        elif ckpt_dir.exists() and any(ckpt_dir.glob("step-*")):
-            note(f"checkpoints in {ckpt_dir} belong to another config/data; starting from step 0")
-            if rank == 0:
-                shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if cfg.resume:
+        state.step, state.history = resume(backend, ckpt_dir, run_key, rank, note)
 
     if rank == 0:
         # A fresh run starts a fresh log; a resumed one continues the checkpoint's (rows after it are redone).
+        open_staging(model_dir, staging)
         logged = [r for r in state.history if r["step"] % cfg.logging_steps == 0]
-        write_text("".join(json.dumps(r) + "\n" for r in logged), model_dir / "logs.jsonl")
+        write_text("".join(json.dumps(r) + "\n" for r in logged), staging / "logs.jsonl")
+        log.info("[train] per-step log: %s (becomes %s when the model is saved)", staging / "logs.jsonl", model_dir)
+    clock = CheckpointClock(cfg, world, device)
 
     # -- loop
     objective = OBJECTIVES[cfg.algo]
@@ -281,19 +297,15 @@ def train(
             row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
             state.history.append(row)
             if rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == total_steps):
-                log_row(row, model_dir, writer)
+                log_row(row, staging, writer)
                 bar.set_postfix(
                     loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}"
                 )
             bar.update(1)
-            if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                backend.save_checkpoint(
-                    ckpt_dir / f"step-{state.step}", {"step": state.step, "history": state.history, "run_key": run_key}
+            if clock.due(state.step, total_steps):
+                save_checkpoint(
+                    backend, ckpt_dir, state.step, {"history": state.history}, run_key, rank, cfg.save_total_limit
                 )
-                if rank == 0:
-                    write_json(
-                        {"run_key": run_key, "step": state.step}, ckpt_dir / f"step-{state.step}" / "solopo.json"
-                    )
     except torch.OutOfMemoryError as e:
         raise TrainingError(
             f"out of memory at step {state.step + 1} ({e.__class__.__name__}). Options that help: train on a shorter "
@@ -323,9 +335,8 @@ def train(
             n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in lm.named_parameters() if "embed" not in n),
             world=world,
         )
-        save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files)
-        if cfg.save_steps > 0:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files, staging=staging)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
         plot_curves(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
         write_parquet(
             pa.Table.from_pylist(state.history) if state.history else pa.table({}), model_dir / "history.parquet"
