@@ -121,8 +121,9 @@ def write_failure(e: BaseException, path: Path) -> SolopoError | None:
     space left on device (os error 28)") and torch.save's RuntimeError from its zip writer, which loses the errno
     ("[enforce fail at inline_container.cc] unexpected pos"); for that one the free space is reported."""
     if isinstance(e, OSError):
-        if e.errno == errno.ENOTDIR:
-            return SolopoError(f"cannot write {path}: a parent of it is a file, not a directory; choose another path")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if e.errno in (errno.ENOTDIR, errno.EEXIST) and blocking is not None:
+            return SolopoError(f"cannot write {path}: a parent of it, {blocking}, is a file; choose another path")
         return storage_error(e, path)
     msg = str(e)
     if "No space left on device" in msg or "os error 28" in msg or "Disk quota exceeded" in msg:

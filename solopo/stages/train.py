@@ -75,28 +75,18 @@ class TrainStage(Stage):
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
         plan = launch_plan(cfg)
+        kw = dict(
+            model_path=model_path,
+            table=data,
+            out_dir=self.ctx.out_dir,
+            seed=seed,
+            source=source,
+            trust_remote_code=self.ctx.run.trust_remote_code,
+        )
         if plan.in_process:
-            result = train(
-                cfg,
-                model_path=model_path,
-                table=data,
-                out_dir=self.ctx.out_dir,
-                seed=seed,
-                source=source,
-                ctx=self.ctx,
-                trust_remote_code=self.ctx.run.trust_remote_code,
-            )
+            result = train(cfg, ctx=self.ctx, **kw)
         else:
-            result = run_launched(
-                plan,
-                cfg,
-                model_path=model_path,
-                table=data,
-                out_dir=self.ctx.out_dir,
-                seed=seed,
-                source=source,
-                trust_remote_code=self.ctx.run.trust_remote_code,
-            )
+            result = run_launched(plan, cfg, **kw)
             for n in result.get("notes", []):
                 self.ctx.note(n)
             for reason, ids in result.get("drops", {}).items():
