@@ -119,7 +119,8 @@ def write_failure(e: BaseException, path: Path) -> SolopoError | None:
     """The user-facing error for a write that failed for a reason of the storage, else None (a bug stays a
     traceback). Covers what the writers we call raise instead of an OSError: safetensors' SafetensorError ("No
     space left on device (os error 28)") and torch.save's RuntimeError from its zip writer, which loses the errno
-    ("[enforce fail at inline_container.cc] unexpected pos"); for that one the free space is reported."""
+    ("[enforce fail at inline_container.cc] unexpected pos", even when writing through a Python file): for that
+    one the disk's free space decides (checked before the partial output is removed)."""
     if isinstance(e, OSError):
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if e.errno in (errno.ENOTDIR, errno.EEXIST) and blocking is not None:
@@ -130,13 +131,15 @@ def write_failure(e: BaseException, path: Path) -> SolopoError | None:
         return storage_error(OSError(errno.ENOSPC, msg[:200]), path)
     if isinstance(e, RuntimeError) and ("inline_container" in msg or "file write failed" in msg):
         try:
-            free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+            usage = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists()))
         except (OSError, StopIteration):
-            free = -1
+            return None
+        if usage.free < max(64 << 20, usage.total // 100):  # what is left is no room for a checkpoint
+            return storage_error(OSError(errno.ENOSPC, f"No space left on device: {msg[:100]}"), path)
         return RunDirError(
-            f"cannot write {path}: the write failed ({msg[:120]}); {free / 2**20:.0f} MiB free on its disk. If the "
-            "disk is full, free some space (or point --run-dir at a larger disk) and rerun the same command: "
-            "training resumes from its last checkpoint"
+            f"cannot write {path}: the write failed ({msg[:120]}); {usage.free / 2**20:.0f} MiB are free on its "
+            "disk. If it filled up meanwhile, free some space (or point --run-dir at a larger disk) and rerun the same "
+            "command: training resumes from its last checkpoint"
         )
     return None
 
@@ -157,8 +160,8 @@ def save_dir_atomic(out: Path, save: Callable[[Path], None]) -> None:
             os.replace(out, old)  # a rename each: `out` is never missing for longer than between two renames
         os.replace(tmp, out)
     except Exception as e:
+        err = write_failure(e, out)  # before the cleanup: it may look at the free space
         shutil.rmtree(tmp, ignore_errors=True)
-        err = write_failure(e, out)
         if err is None:
             raise
         raise err from e
@@ -171,7 +174,9 @@ def resolve_model(model: str | None, trust_remote_code: bool = False, label: str
     else a hub id as given. `label` names the option in messages (default `--model MODEL`)."""
     if model is None or model in ("embedded", EMBEDDED_NAME):
         path = prepare_embedded_model()
-        check_model_dir(path, trust_remote_code, fix=f"rebuild it: {_PREPARE_FORCE}")
+        check_model_dir(
+            path, trust_remote_code, label=f"the embedded model {EMBEDDED_NAME}", fix=f"rebuild it: {_PREPARE_FORCE}"
+        )
         return str(path)
     p = Path(model).expanduser()
     if p.exists():
@@ -180,6 +185,14 @@ def resolve_model(model: str | None, trust_remote_code: bool = False, label: str
     if model.startswith((".", "/", "~")):
         raise SolopoError(f"--model {model}: no such directory")
     check_hub_model(model)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "config.json")
+    if isinstance(cached, str):  # the hub's config is not fetched just for this: transformers would refuse later
+        try:
+            _check_custom_code(json.loads(Path(cached).read_text()), trust_remote_code, label or f"--model {model}")
+        except (OSError, ValueError):
+            pass  # an unreadable cached config: transformers reports it
     return model  # a hub id in the HF cache or on a reachable hub; transformers/vLLM resolve it
 
 
@@ -234,9 +247,7 @@ def check_model_dir(
                 raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as e:
             problems.append(f"config.json is unreadable ({type(e).__name__}: {str(e)[:80]})")
-    weights = sorted(
-        n for n in names if n.endswith((".safetensors", ".bin", ".pt", ".pth")) and n != "training_args.bin"
-    )
+    weights = sorted(n for n in names if n.endswith(".safetensors") or (n.startswith("pytorch_model") and ".bin" in n))
     for index in sorted(n for n in names if n.endswith(".index.json")):
         try:
             shards = set(json.loads((path / index).read_text())["weight_map"].values())
@@ -256,16 +267,21 @@ def check_model_dir(
             problems.append(f"tokenizer.json is unreadable ({type(e).__name__})")
     if problems:
         raise SolopoError(f"{label}: {path} is not a usable model directory: {'; '.join(problems)}; {fix}")
-    if "auto_map" in cfg and not trust_remote_code:
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if cfg.get("model_type") not in CONFIG_MAPPING:
-            raise SolopoError(
-                f"{label}: {path} needs its own Python code (config.json has auto_map, model_type "
-                f"{cfg.get('model_type')!r} is not built into transformers). If you trust that code, add "
-                "--set run.trust_remote_code=true"
-            )
+    _check_custom_code(cfg, trust_remote_code, f"{label}: {path}")
     _CHECKED.add(memo)
+
+
+def _check_custom_code(cfg: dict, trust_remote_code: bool, where: str) -> None:
+    """transformers refuses (ValueError) a model whose type only its own code defines unless trusted: say so first."""
+    if "auto_map" not in cfg or trust_remote_code:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if cfg.get("model_type") not in CONFIG_MAPPING:
+        raise SolopoError(
+            f"{where} needs its own Python code (config.json has auto_map, model_type {cfg.get('model_type')!r} is "
+            "not built into transformers). If you trust that code, add --set run.trust_remote_code=true"
+        )
 
 
 _HUB_OK: set[str] = set()  # hub ids found loadable in this process

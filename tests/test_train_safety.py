@@ -474,3 +474,29 @@ def test_dpo_reference_cache_is_verified_and_recomputed_when_damaged(tmp_path, t
         assert log_rows(res["model_path"])[0]["po_loss"] == pytest.approx(math.log(2), abs=1e-5)
     res = run(tmp_path, tiny_model_dir, algo="dpo")
     assert any("loaded from the cache" in n for n in res["notes"])
+
+
+def test_real_full_tmpfs_at_a_checkpoint_and_at_the_final_save(tmp_path, tiny_model_dir):
+    """On a real full disk torch.save raises its errno-less zip-writer RuntimeError (also through a Python file):
+    the free space left decides, and the message is the storage one. Needs root for a small tmpfs."""
+    import subprocess
+
+    for size, kw, where in (
+        ("30m", {"save_steps": 1, "max_steps": 2}, "step-1"),
+        ("8m", {"save_steps": 0}, "orpo-solo"),
+    ):
+        d = tmp_path / size
+        d.mkdir()
+        if (
+            os.geteuid() != 0
+            or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)]).returncode
+        ):
+            pytest.skip("needs root to mount a small tmpfs")
+        try:
+            with pytest.raises(
+                RunDirError, match=rf"cannot write .*{where}: no space left on the device.*rerun the same"
+            ):
+                run(d, tiny_model_dir, algo="orpo", **kw)
+            assert [p.relative_to(d).as_posix() for p in d.rglob("*") if p.name.startswith((".", "step-"))] == []
+        finally:
+            subprocess.run(["umount", "-l", str(d)], check=True)  # lazy: the failed writer may hold a file until gc

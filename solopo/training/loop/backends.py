@@ -45,17 +45,15 @@ class PlainBackend:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        # Through a Python file: a full disk is then OSError(ENOSPC), not torch's errno-less zip-writer error.
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(
-                {
-                    "model": self.module.lm.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    **state,
-                },
-                f,
-            )
+        torch.save(
+            {
+                "model": self.module.lm.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                **state,
+            },
+            tmp / "state.pt",
+        )
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
 

@@ -158,10 +158,10 @@ def save_checkpoint(backend, ckpt_dir: Path, step: int, state: dict, run_key: st
         if rank == 0:
             write_json({"run_key": run_key, "step": step}, path / "solopo.json")
     except Exception as e:
+        err = write_failure(e, path)  # before the cleanup: it may look at the free space
         if rank == 0:
             for p in (path, path.with_name(path.name + ".tmp")):
                 shutil.rmtree(p, ignore_errors=True)
-        err = write_failure(e, path)
         if err is None:
             raise
         raise err from e

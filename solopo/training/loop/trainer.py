@@ -335,12 +335,12 @@ def _train(
             n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in lm.named_parameters() if "embed" not in n),
             world=world,
         )
-        save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files, staging=staging)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        plot_curves(state.history, model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
+        plot_curves(state.history, staging / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
         write_parquet(
-            pa.Table.from_pylist(state.history) if state.history else pa.table({}), model_dir / "history.parquet"
+            pa.Table.from_pylist(state.history) if state.history else pa.table({}), staging / "history.parquet"
         )
+        save_model(lm, tokenizer, sd, model_dir, save_dtype, hf_files, staging=staging)  # all of it swapped in at once
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     barrier()
     last = state.history[-1] if state.history else {}
     tail = state.history[-max(1, min(len(state.history), 5)) :]
