@@ -102,7 +102,7 @@ def scan_checkpoints(ckpt_dir: Path, run_key: str, note) -> tuple[list[Path], li
     return [p for _, p in sorted(mine, reverse=True)], foreign
 
 
-def resume(backend, ckpt_dir: Path, run_key: str, rank: int, note) -> tuple[int, list[dict]]:
+def load_latest_checkpoint(backend, ckpt_dir: Path, run_key: str, rank: int, note) -> tuple[int, list[dict]]:
     """(step, history) of the newest checkpoint of this run that loads; a damaged one (truncated state.pt, ...)
     is skipped with a note and the next older one tried; none -> (0, []). Other configs' checkpoints are removed."""
     mine, foreign = scan_checkpoints(ckpt_dir, run_key, note if rank == 0 else lambda _m: None)
@@ -149,7 +149,7 @@ class CheckpointClock:
         return due
 
 
-def save_checkpoint(backend, ckpt_dir: Path, step: int, state: dict, run_key: str, rank: int, keep: int) -> None:
+def write_checkpoint(backend, ckpt_dir: Path, step: int, state: dict, run_key: str, rank: int, keep: int) -> None:
     """Save step-N (solopo.json, the marker resume reads, last), then drop this run's older checkpoints beyond
     `keep`. A failed save (a full disk) removes its partial directory and stops with the storage message."""
     path = ckpt_dir / f"step-{step}"
