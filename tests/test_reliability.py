@@ -737,3 +737,22 @@ def test_custom_code_model_needs_trust_remote_code_and_then_trains(custom_code_m
         train(cfg, model_path=str(custom_code_model), table=table, out_dir=tmp_path / "t0")
     res = train(cfg, model_path=str(custom_code_model), table=table, out_dir=tmp_path / "t", trust_remote_code=True)
     assert res["steps"] == 1
+
+
+def test_cached_embedded_model_written_0600_gets_the_umask_mode(tmp_path, monkeypatch):
+    """A converted model cached by an older solopo has safetensors' 0600 weights: the next use gives them the
+    umask's mode (no reconversion)."""
+    from solopo.models import embedded_model_dir, prepare_embedded_model
+
+    monkeypatch.setenv("SOLOPO_CACHE", str(tmp_path))
+    d = embedded_model_dir()
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x")
+    os.chmod(d / "model.safetensors", 0o600)
+    old = os.umask(0o022)
+    try:
+        assert prepare_embedded_model() == d
+    finally:
+        os.umask(old)
+    assert (d / "model.safetensors").stat().st_mode & 0o777 == 0o644
