@@ -192,15 +192,53 @@ def save_model(
             state_dict[k] = cast[key]
 
     def save(tmp: Path) -> None:
-        if staging is not None and staging.exists():
-            os.replace(staging, tmp)  # this run's logs.jsonl comes along
+        _start_model_dir(tmp, staging)
         lm.save_pretrained(tmp, state_dict=state_dict)
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained states the model's dtype
         write_json(config, tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_json or {}).items():
-            write_json(obj, tmp / name)
+        _finish_model_dir(tmp, tokenizer, extra_json)
+
+    save_dir_atomic(model_dir, save)
+
+
+def _start_model_dir(tmp: Path, staging: Path | None) -> None:
+    """The save dir starts as this run's staging dir (logs.jsonl, curves, history come along)."""
+    if staging is not None and staging.exists():
+        os.replace(staging, tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+
+
+def _finish_model_dir(tmp: Path, tokenizer, extra_json: dict[str, dict] | None) -> None:
+    """Tokenizer and HF trainer files into `tmp` (save_dir_atomic then swaps it in)."""
+    tokenizer.save_pretrained(tmp)
+    for name, obj in (extra_json or {}).items():
+        write_json(obj, tmp / name)
+
+
+def save_adapter_model(
+    peft_model,
+    tokenizer,
+    adapter_sd: dict[str, torch.Tensor],
+    model_dir: Path,
+    dtype: torch.dtype,
+    base_path: str,
+    merge: bool,
+    extra_json: dict[str, dict] | None = None,
+    staging: Path | None = None,
+) -> None:
+    """A LoRA run's model dir. merge=True: the merged HF checkpoint at the top (what eval and AutoModelForCausalLM
+    load) and the adapter in `adapter/`; merge=False: the adapter at the top (PeftModel.from_pretrained). Staged
+    and swapped in like save_model."""
+    from solopo.training import peft as lora
+
+    def save(tmp: Path) -> None:
+        _start_model_dir(tmp, staging)
+        adapter_dir = tmp / lora.ADAPTER_SUBDIR if merge else tmp
+        lora.save_adapter(peft_model, adapter_sd, adapter_dir, dtype)
+        if merge:
+            lora.merge(base_path, adapter_dir, tmp, dtype)
+        _finish_model_dir(tmp, tokenizer, extra_json)
 
     save_dir_atomic(model_dir, save)
 
