@@ -176,7 +176,7 @@ class SampleStage(Stage):
         from solopo.backends import resolve_backend_name
         from solopo.models import resolve_model
 
-        path = resolve_model(self.ctx.run.model)
+        path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         model = dir_fingerprint(path) if not _is_hub_id(path) else {"hub_id": path}
         # 'auto' resolves by what is installed: a machine with vLLM must not reuse transformers' samples.
         return {"model": model, "backend": resolve_backend_name(self.config.backend)}
@@ -202,7 +202,7 @@ class SampleStage(Stage):
         self.backend = open_backend(
             c,
             c.backend,
-            resolve_model(self.ctx.run.model),
+            resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code),
             ctx_note=self.ctx.note,
             trust_remote_code=self.ctx.run.trust_remote_code,
             log_file=log_file,
