@@ -58,6 +58,8 @@ class TrainStage(Stage):
         """The newest readable checkpoint a killed run left (models/<algo>-<mode>.checkpoints/step-N)."""
         best: tuple[int, Path] | None = None
         for meta in out_dir.glob("models/*.checkpoints/step-*/solopo.json"):
+            if not meta.parent.name.removeprefix("step-").isdigit():
+                continue  # step-3.tmp (an interrupted save), step-3.bak: not a checkpoint
             try:
                 step = json.loads(meta.read_text()).get("step")
             except (OSError, UnicodeDecodeError, ValueError, AttributeError):
