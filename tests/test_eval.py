@@ -88,10 +88,11 @@ def scripted(monkeypatch, tokenizer, golds):
     """Patch get_backend: a model dir's name picks its policy; max_context via the returned setter."""
     import solopo.backends
 
-    state = {"max_context": None}
+    state = {"max_context": None, "opts": []}
     ScriptedBackend.calls = []
 
     def fake_get_backend(name, model_path, ctx_note=None, **opts):
+        state["opts"].append(opts)
         policy = Path(model_path).name.split("-")[0]
         return ScriptedBackend(model_path, policy, tokenizer, golds, state["max_context"])
 
@@ -209,16 +210,27 @@ def test_paired_comparisons_of_constructed_models(tmp_path, tiny_model_dir, scri
     c = comps[("solo", "long")]
     assert c["diff_pct_points"] == 50.0 and c["model_only_correct"] == 4 and c["reference_only_correct"] == 0
     assert c["mcnemar_p"] == pytest.approx(2 / 2**4)
-    assert c["significant"] == (c["ci95_low_pct_points"] > 0)
+    assert c["bootstrap_excludes_0"] == (c["ci95_low_pct_points"] > 0)
+    assert not c["significant"]  # a 4/0 split: exact p = 0.125, whatever the bootstrap interval says
     md = (out / "report.md").read_text()
     assert "## Paired comparisons" in md and "| solo | long | musique | 1k | 8 | +50.0 |" in md
-    assert "**significant**" in md
+    assert "| 4 / 0 | 0.125 | not significant |" in md  # solo vs long
+    assert "| 8 / 0 | 0.008 | **significant** |" in md  # solo vs base: p = 2/256
+    assert "both the 95% paired bootstrap interval excludes 0 and the exact two-sided McNemar test" in md
 
 
 def test_report_json_stands_alone(tmp_path, tiny_model_dir, scripted):
     base = _model_copy(tiny_model_dir, tmp_path / "half-base")
     out = _run(tmp_path, {}, base, "eval.depths=[0,1]")
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    report = json.loads(text)
+    # No machine path: models by folder name (or hub id, or run-dir-relative path).
+    assert str(tmp_path) not in text and str(tmp_path) not in (out / "report.md").read_text()
+    # Run identity, the questions asked.
+    run = report["run"]
+    assert run["run_id"] == "run" and len(run["config_sha256"]) == 64 and run["created"].endswith("+00:00")
+    ids = report["question_ids"]["musique"]
+    assert len(ids) == 4 and ids == sorted(ids)
     assert report["unit"] == "percent" and "*_pct" in report["units"]
     # One unit everywhere: every rate field is named *_pct and lies in 0..100.
     for cell in report["accuracy"] + report["depth"]:
@@ -228,15 +240,19 @@ def test_report_json_stands_alone(tmp_path, tiny_model_dir, scripted):
         assert key in s, key
     assert s["n_per_cell"] == [8]  # 4 questions x 2 depths
     label = report["models"][0]
-    assert report["model_paths"] == {label: str(base.resolve())}
+    assert report["model_paths"] == {label: "half-base"}
     (info,) = report["model_info"]
-    assert info["backend"] == "scripted" and info["dtype"] == "none" and info["role"] == "base"
+    assert info["backend"] == "scripted" and info["role"] == "base"
+    # The dtype the engine ran: asked for fp32 on CPU (the default), never "auto".
+    assert (info["dtype"], info["dtype_from"]) == ("float32", "requested (eval.dtype)")
+    assert scripted["opts"][0]["dtype"] == "float32" and s["dtype_requested"] == "float32"
     assert {d["depth"] for d in report["depth"]} == {0.0, 1.0}
     md = (out / "report.md").read_text()
     assert "![accuracy vs length](accuracy_vs_length.png)" in md and "![accuracy vs depth](accuracy_vs_depth.png)" in md
     for png in report["plots"]:
         assert (out / png).stat().st_size > 1000
-    assert "## How many questions" in md and "--n-questions 193" in md
+    assert "## How many questions" in md and "--n-questions 395" in md and "80% of the time" in md
+    assert "- inference dtype: float32 (default on CPU" in md and "Run `run`" in md
 
 
 def test_cell_format_and_plot_draws_the_intervals(tmp_path, monkeypatch):
@@ -337,7 +353,12 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
     Pipeline([EvalStage], cfg).run()
     text = (trained / "README.md").read_text()
     assert "## Evaluation" in text and "| musique | 1k | 100.0 [51.0, 100.0] (n=4) |" in text
-    assert "+100.0 [+100.0, +100.0] points vs base (" in text and "word rule" in text
+    # Accuracy and differences in separate tables, each under a header of its unit.
+    acc, comp = text.split("### Paired comparisons")
+    assert "| dataset | length | sub-EM % [95% interval] (n) |" in acc and "points" not in acc.split("\n\n")[1]
+    assert "| vs | dataset | length | difference (points) | 95% interval (points) | McNemar p | significant |" in comp
+    assert "| base (wrong-base) | musique | 1k | +100.0 | [+100.0, +100.0] | 0.125 | no |" in comp
+    assert "word rule" in text
     assert str(tmp_path) not in text  # no machine path in a card
     assert (other / "README.md").read_text() == card
     # Idempotent: a rerun replaces the section instead of adding a second one.
