@@ -10,8 +10,9 @@ sub-EM: lowercase, strip accents, punctuation and articles (a/an/the), collapse 
     matches "no"; "Both are American, so yes" does not match "yes": the final answer must lead with it);
   - an abstention ("No information is given in the documents.", "Not mentioned", "Unknown", "I do not know")
     matches nothing, in particular not the gold "no";
-  - negated matches are rejected: the gold right after "not"/"never"/"isn't" (within two words, same clause:
-    "not Paris", "not in Paris");
+  - negated matches are rejected: the gold after "not"/"never"/"isn't"... in the same clause, unless a
+    "but"/"rather"/"instead" comes between ("not Paris", "not in Paris", "not G. Stanley Hall" for alias "Stanley
+    Hall"; but "Paris, not London" matches "Paris" and "not Lyon but Paris" matches "Paris");
   - hedges are rejected: an "or" outside the gold's own words ("Paris or Lyon", "either X or Y", "X or
     something else") names alternatives instead of answering;
   - numbers: "1,000" == "1000" (thousands separators), but a decimal point is kept ("16.801" != "16,801");
@@ -119,9 +120,9 @@ _MONTH_DAY = re.compile(r"\b" + _MONTH_RE + r"\s+(\d{1,2})(?:st|nd|rd|th)?\b,?",
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
 _DECIMAL_MARK = "point"  # survives normalize_answer's punctuation removal: "16.801" -> "16point801"
-# Clause boundaries for the negation window: commas (not thousands separators: removed before), semicolons,
-# colons, brackets, and sentence ends.
-_CLAUSE = re.compile(r"[,;:!?()\[\]]|\.(?=\s|$)")
+# Clause boundaries end a negation's scope: commas (not thousands separators: removed before), semicolons,
+# colons, brackets. Not periods: initials and abbreviations ("G. Stanley Hall", "U.S. Navy") are in answers.
+_CLAUSE = re.compile(r"[,;:!?()\[\]]")
 _UNITS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen"
@@ -132,19 +133,20 @@ _NUMBER_WORDS |= {t + u: str(20 + 10 * i + j) for i, t in enumerate(_TENS) for j
 _NEGATIONS = frozenset(
     "not never neither nor cannot cant isnt wasnt arent werent doesnt didnt dont hasnt havent hadnt wont t".split()
 )
-_NEGATION_WINDOW = 2  # "not Paris", "not in Paris"
+# A negation denies what follows it in its clause until one of these ("not Lyon but Paris").
+_SCOPE_ENDS = frozenset("but rather instead however".split())
 _YES_NO = frozenset({"yes", "no"})
 # Words that may follow a leading yes/no in a real answer ("No, ..." is a clause of its own and always counts).
 _YES_NO_NEXT = frozenset(
-    "he she it they we i you this that these those both neither either he's it's there is are was were did does "
-    "do has have had can could will would should not".split()
+    "he she it they we i you this that these those both neither either hes its theyre there is are was were did "
+    "does do has have had can could will would should not".split()
 )
 _ABSTENTION = re.compile(
     r"^(?:there (?:is|was|are) )?(?:no (?:information|answer|mention|data|evidence|indication|record|relevant|"
     r"specific|clear|direct|explicit|such)|not (?:mentioned|given|provided|specified|stated|known|enough|"
     r"available|determinable|clear)|unknown|unclear|cannot (?:be )?(?:determined|answered|tell|say)|"
-    r"can not (?:be )?(?:determined|answered)|insufficient|i (?:do not|dont|cannot|cant) know|none of documents|"
-    r"documents do not|(?:it )?(?:is|was) not (?:mentioned|given|provided|specified|stated|possible))\b"
+    r"can not (?:be )?(?:determined|answered)|insufficient|i (?:do not|dont|cannot|cant|can not) (?:know|say|tell)|"
+    r"none of documents|documents do not|(?:it )?(?:is|was) not (?:mentioned|given|provided|specified|stated|possible))\b"
 )
 
 
@@ -202,13 +204,21 @@ def _word_match(tokens: tuple[str, ...], clause: tuple[int, ...], gold: tuple[st
     for i in range(len(tokens) - n + 1):
         if tokens[i : i + n] != gold:
             continue
-        outside = tokens[:i] + tokens[i + n :]
-        if "or" in outside and "or" not in gold:  # a hedge: "Paris or Lyon", "X or something else"
+        if "or" in tokens[:i] + tokens[i + n :]:  # a hedge: "Paris or Lyon", "X or something else"
             return False
-        before = range(max(0, i - _NEGATION_WINDOW), i)
-        if any(tokens[j] in _NEGATIONS and clause[j] == clause[i] for j in before):
+        if _negated(tokens, clause, i):
             continue  # "not Paris": this occurrence is denied; another one may still count
         return True
+    return False
+
+
+def _negated(tokens: tuple[str, ...], clause: tuple[int, ...], i: int) -> bool:
+    """A negation earlier in token i's clause, with no "but"/"rather"/"instead" between them."""
+    for j in range(i - 1, -1, -1):
+        if clause[j] != clause[i] or tokens[j] in _SCOPE_ENDS:
+            return False
+        if tokens[j] in _NEGATIONS:
+            return True
     return False
 
 
