@@ -237,7 +237,7 @@ class EvalStage(Stage):
         import torch
 
         if not torch.cuda.is_available():
-            return "float32", "default on CPU (bf16 greedy decoding flips near-tied tokens)"
+            return "float32", "default on CPU: bf16 greedy decoding flips near-tied tokens"
         train = str(self._train_setting("dtype") or "auto")
         return {"fp32": "float32"}.get(train, "bfloat16"), f"default on GPU: the training dtype (train.dtype={train})"
 
@@ -254,6 +254,7 @@ class EvalStage(Stage):
         if data is not None:
             for row in data.to_pylist():
                 label = row.get("label") or f"{row.get('algo', 'trained')}-{row.get('mode', '')}".strip("-")
+                # The train stage's row, then what the model's card states (the resolved dtype, lr).
                 training = {
                     "algo": row.get("algo"),
                     "mode": row.get("mode"),
@@ -263,8 +264,10 @@ class EvalStage(Stage):
                     "steps": row.get("steps"),
                     "rows": row.get("examples"),
                     "target_len": row.get("target_len"),
-                    "dtype": self._train_setting("dtype"),
+                    "dtype": None,
                 }
+                card = training_record(row["model_path"]) or {}
+                training.update({k: v for k, v in card.items() if v is not None})
                 models.append(
                     EvalModel(label, row["model_path"], "trained", row.get("algo"), row.get("mode"), True, training)
                 )
