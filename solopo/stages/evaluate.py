@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from solopo import stats
@@ -85,9 +85,12 @@ class EvalConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas 
             raise ValueError("must be positive")
         return v
 
-    # default: fp32 on CPU (bf16 greedy decoding flips near-tied tokens, so a tiny weight update changed a third
-    # of the cpu-demo's answers and their truncation), the training dtype on GPU; auto: the engine's own choice.
-    dtype: Literal["default", "auto", "bfloat16", "float16", "float32"] = "default"
+    # bf16 greedy decoding flips near-tied tokens: in the cpu-demo a 3-step update looked like a truncation jump.
+    dtype: Literal["default", "auto", "bfloat16", "float16", "float32"] = Field(
+        default="default",
+        description="inference dtype: default = float32 on CPU, the training dtype on GPU (train.dtype auto = "
+        "bfloat16); auto = the engine's choice; the report records the dtype each engine ran",
+    )
 
 
 # max_tokens follows sample.max_tokens (128 in this preset).
