@@ -334,11 +334,11 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
     card = (
         "---\nlicense: apache-2.0\ntags:\n- solopo\n---\n# m\n\n<!-- solopo:eval:start -->\n<!-- solopo:eval:end -->\n"
     )
-    trained = _model_copy(tiny_model_dir, tmp_path / "right-solo", {"algo": "orpo", "mode": "solo"})
+    run_dir = tmp_path / "run"
+    trained = _model_copy(tiny_model_dir, run_dir / "train" / "models" / "right-solo", {"algo": "orpo", "mode": "solo"})
     other = _model_copy(tiny_model_dir, tmp_path / "half-other")
     for d in (trained, other):
         (d / "README.md").write_text(card)
-    run_dir = tmp_path / "run"
     write_parquet(
         pa.table({"model_path": [str(trained)], "algo": ["orpo"], "mode": ["solo"]}), run_dir / "train" / "data.parquet"
     )
@@ -363,7 +363,7 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     info = {m["label"]: m for m in report["model_info"]}
     assert info["orpo-solo"]["training"]["lr"] == 5e-7  # the run's train.lr trained it
-    assert info["orpo-solo"]["path"] == "right-solo" and info["other"]["path"] == "half-other"
+    assert info["orpo-solo"]["path"] == "train/models/right-solo" and info["other"]["path"] == "half-other"
     assert (other / "README.md").read_text() == card
     # Idempotent: a rerun replaces the section instead of adding a second one.
     Pipeline([EvalStage], cfg).run(force=("eval",))

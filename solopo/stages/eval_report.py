@@ -463,10 +463,10 @@ def plot_depth(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def add_to_model_cards(report: dict[str, Any], paths: dict[str, str], note: Callable[[str], None]) -> None:
+def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_dir: Path) -> None:
     """Put each model trained in this run's eval tables into its model card: accuracy per cell (sub-EM %) and,
-    separately, its paired comparisons (points vs another model). `paths`: label -> the model's directory
-    (report.json shows run-relative paths). Models passed with --model are inputs, not outputs: their dirs are
+    separately, its paired comparisons (points vs another model). report.json names a model trained in the run
+    by its path relative to `run_dir`. Models passed with --model are inputs, not outputs: their dirs are
     fingerprinted, so they are left unchanged."""
     from solopo.training.model_card import add_eval_results
 
@@ -474,9 +474,9 @@ def add_to_model_cards(report: dict[str, Any], paths: dict[str, str], note: Call
     for m in report["model_info"]:
         if not m.get("trained_here"):
             continue
-        path = paths.get(m["label"], m["path"])
-        if not (Path(path) / "README.md").exists():
-            note(f"{m['label']}: {m['path']} has no model card (README.md); eval results not added")
+        path = Path(run_dir) / m["path"]  # an absolute path stays itself
+        if not (path / "README.md").exists():
+            note(f"{m['label']}: no model card at {m['path']}/README.md in the run dir; eval results not added")
             continue
         rows = [
             {
@@ -508,4 +508,4 @@ def add_to_model_cards(report: dict[str, Any], paths: dict[str, str], note: Call
             "`eval/report.md`."
         )
         add_eval_results(path, rows, title="Evaluation", notes=notes, tables=[("Paired comparisons", comparisons)])
-        log.info("[eval] added the eval tables to %s", Path(path) / "README.md")
+        log.info("[eval] added the eval tables to %s", path / "README.md")

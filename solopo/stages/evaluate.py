@@ -589,7 +589,7 @@ class EvalStage(Stage):
         report = {"run": self.run_identity(), **report}
         write_json(report, out / "report.json")
         write_text(report_markdown(report), out / "report.md")
-        add_to_model_cards(report, {m["label"]: m["path"] for m in models or []}, self.ctx.note)
+        add_to_model_cards(report, self.ctx.note, Path(self.ctx.run.run_dir).expanduser())
         return table
 
 
