@@ -125,7 +125,19 @@ def _select_one(row: dict[str, Any], schema, cfg: SelectConfig, seed: int, out_d
 
 
 def stored_generations(run_dir: Path, scratch: Path) -> dict[str, Any]:
-    res: dict[str, Any] = {"run_dir": str(run_dir)}
+    """Sample labels and selections (when the run has sample/ output) and eval labels (when it has eval/)."""
+    res: dict[str, Any] = {"run_dir": run_dir.name}
+    if (run_dir / "sample" / "data.parquet").exists():
+        res.update(stored_samples(run_dir, scratch))
+    ev = run_dir / "eval" / "data.parquet"
+    if ev.exists():
+        res.update(stored_eval(ev))
+        res.setdefault("model", ", ".join(sorted({p["model"] for p in read_parquet(ev).to_pylist()})))
+    return res
+
+
+def stored_samples(run_dir: Path, scratch: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
     samples = read_parquet(run_dir / "sample" / "data.parquet")
     m = load_manifest(run_dir, "sample")
     seed = int(m["run"]["seed"])
@@ -177,23 +189,30 @@ def stored_generations(run_dir: Path, scratch: Path) -> dict[str, Any]:
         "select_config": {k: v for k, v in base.model_dump().items() if k != "match"},
     }
 
-    ev = run_dir / "eval" / "data.parquet"
-    if ev.exists():
-        preds = read_parquet(ev).to_pylist()
-        lab = {
-            name: [p["prediction"] is not None and bool(rule(p["prediction"], p["answers"])) for p in preds]
-            for name, rule in RULES.items()
-        }
-        res["eval_labels"] = {
-            "predictions": len(preds),
-            "correct": {rule: sum(v) for rule, v in lab.items()},
-            "changed": sum(a != b for a, b in zip(lab["word"], lab["substring"], strict=True)),
-        }
-        if "word_before" in lab:
-            res["eval_labels"]["changed_word_before_to_word"] = sum(
-                a != b for a, b in zip(lab["word_before"], lab["word"], strict=True)
-            )
     return res
+
+
+def stored_eval(ev: Path, max_examples: int = 12) -> dict[str, Any]:
+    """Every eval prediction re-scored under each rule; the ones the new word rule relabels, as examples."""
+    preds = read_parquet(ev).to_pylist()
+    lab = {
+        name: [p["prediction"] is not None and bool(rule(p["prediction"], p["answers"])) for p in preds]
+        for name, rule in RULES.items()
+    }
+    out: dict[str, Any] = {
+        "predictions": len(preds),
+        "correct": {rule: sum(v) for rule, v in lab.items()},
+        "changed": sum(a != b for a, b in zip(lab["word"], lab["substring"], strict=True)),
+    }
+    if "word_before" in lab:
+        changed = [i for i, (a, b) in enumerate(zip(lab["word_before"], lab["word"], strict=True)) if a != b]
+        out["changed_word_before_to_word"] = len(changed)
+        out["changed_examples"] = [
+            {"prediction": preds[i]["prediction"], "golds": list(preds[i]["answers"])[:4],
+             "word_before": lab["word_before"][i], "word": lab["word"][i]}
+            for i in changed[:max_examples]
+        ]  # fmt: skip
+    return {"eval_labels": out}
 
 
 def cross_answers(source: str, seed: int = 0, max_examples: int = 8) -> dict[str, Any]:
@@ -246,19 +265,22 @@ def to_markdown(res: dict[str, Any]) -> str:
         "",
     ]
     for g in res["stored"]:
-        sl, se = g["sample_labels"], g["selection"]
+        sl, se = g.get("sample_labels"), g.get("selection")
         lines += [
-            f"## Stored generations: {g['run_dir']} ({g['model']}, {g['questions']} questions)",
+            f"## Stored generations: {g['run_dir']} ({g['model']}, {g.get('questions', '-')} sampled questions)",
             "",
             "| what | word | substring | changed |",
             "|---|---:|---:|---:|",
-            f"| valid samples labeled correct (of {sl['valid_samples']}) | {sl['correct'].get('word', 0)} | "
-            f"{sl['correct'].get('substring', 0)} | {sl['changed']} |",
-            f"| pairs selected | {se['pairs']['word']} | {se['pairs']['substring']} | "
-            f"{se['pairs_with_changed_chosen_or_rejected']} pairs with another chosen or rejected |",
-            f"| question outcomes (pair / drop reason) | {se['outcomes']['word']} | {se['outcomes']['substring']} | "
-            f"{se['questions_with_changed_outcome']} questions |",
         ]
+        if sl and se:
+            lines += [
+                f"| valid samples labeled correct (of {sl['valid_samples']}) | {sl['correct'].get('word', 0)} | "
+                f"{sl['correct'].get('substring', 0)} | {sl['changed']} |",
+                f"| pairs selected | {se['pairs']['word']} | {se['pairs']['substring']} | "
+                f"{se['pairs_with_changed_chosen_or_rejected']} pairs with another chosen or rejected |",
+                f"| question outcomes (pair / drop reason) | {se['outcomes']['word']} | "
+                f"{se['outcomes']['substring']} | {se['questions_with_changed_outcome']} questions |",
+            ]
         if "eval_labels" in g:
             el = g["eval_labels"]
             lines.append(
@@ -268,7 +290,12 @@ def to_markdown(res: dict[str, Any]) -> str:
             )
         else:
             lines.append("| eval predictions | - | - | no eval outputs in this run |")
-        if sl["examples"]:
+        for e in g.get("eval_labels", {}).get("changed_examples", []):
+            lines.append(
+                f"- eval label changed by the new word rule: `{e['prediction']}` vs {e['golds']} "
+                f"(before {e['word_before']}, now {e['word']})"
+            )
+        if sl and sl["examples"]:
             lines += [
                 "",
                 "Samples whose label changes: "
