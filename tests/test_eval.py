@@ -317,7 +317,7 @@ def test_cli_eval_from_run_takes_its_settings_and_excludes_its_ids(tmp_path, tin
     assert "100.0 [" in res.output and "(n=3)" in res.output  # the printed report has intervals
 
     ScriptedBackend.calls = []
-    res = CliRunner().invoke(app, [*args, "--max-tokens", "21", "--match", "substring"])
+    res = CliRunner().invoke(app, [*args, "--max-tokens", "21", "--match", "substring", "--rerun"])
     assert res.exit_code == 0, res.output
     assert ScriptedBackend.calls[0]["max_tokens"] == 21 and "Sub-EM (substring rule)" in res.output
     res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "nowhere"), *args[5:]])
@@ -335,12 +335,13 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
         "---\nlicense: apache-2.0\ntags:\n- solopo\n---\n# m\n\n<!-- solopo:eval:start -->\n<!-- solopo:eval:end -->\n"
     )
     run_dir = tmp_path / "run"
-    trained = _model_copy(tiny_model_dir, run_dir / "train" / "models" / "right-solo", {"algo": "orpo", "mode": "solo"})
+    trained = _model_copy(tiny_model_dir, run_dir / "train/models/right-solo", {"algo": "orpo", "mode": "solo"})
     other = _model_copy(tiny_model_dir, tmp_path / "half-other")
     for d in (trained, other):
         (d / "README.md").write_text(card)
-    write_parquet(
-        pa.table({"model_path": [str(trained)], "algo": ["orpo"], "mode": ["solo"]}), run_dir / "train" / "data.parquet"
+    write_parquet(  # train stores its model path relative to the run dir
+        pa.table({"model_path": ["train/models/right-solo"], "algo": ["orpo"], "mode": ["solo"]}),
+        run_dir / "train" / "data.parquet",
     )
     write_text("trainkey\n", run_dir / "train" / "_SUCCESS")
     base = _model_copy(tiny_model_dir, tmp_path / "wrong-base")

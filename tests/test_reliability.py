@@ -276,7 +276,7 @@ def test_status_shows_stale_after_upstream_or_config_change(synth_run, small_ctx
     code, out = cli("status", "--run-dir", str(rd), *same)
     assert "synth   done" in out, out
     code, out = cli("status", "--run-dir", str(rd), *same, "-s", "synth.tolerance=0.05")
-    assert "synth   stale" in out and "config changed: synth.tolerance" in out
+    assert "synth   stale" in out and "the next run redoes it: synth.tolerance: 0.02 -> 0.05" in out
     # load reruns with another limit (only load): synth was built from the old load output.
     cfg = build_config(overrides={"run": {"run_dir": str(rd), "model": str(small_ctx_model)}, "load": {"limit": 6}})
     assert statuses(Pipeline(chain("load"), cfg).run()) == {"load": "ran"}
@@ -595,3 +595,82 @@ def test_a_file_a_later_stage_amends_does_not_make_the_stage_look_damaged(tmp_pa
     from solopo.stages.train import TrainStage
 
     assert any(Path("models/orpo-solo/README.md").match(g) for g in TrainStage.amendable)
+
+
+# --- issue 21 round two: lengths, wrong-typed manifests, resumable training; issue 20: the run dir -------------
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("synth.target_len=", "synth.target_len: a length is required (e.g. 8k or 4k,8k), got nothing"),
+        ("eval.lengths=", "eval.lengths: a length is required"),
+        ("synth.target_len=true", "synth.target_len: not a length or list of lengths: True"),
+        ("synth.target_len=1.5", "synth.target_len: not a whole number of tokens: 1.5"),
+        ("eval.lengths=[1k, 2.5]", "eval.lengths: not a whole number of tokens: 2.5"),
+        ("synth.target_len=1.5k", None),  # 1536: a fraction with a unit is fine
+    ],
+)
+def test_null_bool_and_float_lengths_are_config_errors(setting, needle):
+    code, out = cli("config", "show", "--set", setting)
+    if needle is None:
+        assert code == 0 and "- 1536" in out, out
+    else:
+        assert code == 2 and needle in out, out
+
+
+def test_an_empty_length_in_a_yaml_file_is_a_config_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("synth:\n  target_len:\n")
+    code, out = cli("config", "show", "-c", str(f))
+    assert code == 2 and f"in {f}" in out and "synth.target_len: a length is required" in out
+
+
+def test_empty_run_dir_is_refused_and_the_users_config_yaml_is_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine: 1\n")
+    code, out = cli("synth", "--run-dir", "", "--target-len", "1k", "--set", "load.limit=2")
+    assert code == 2 and "run.run_dir is empty" in out and "--run-dir" in out, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "mine: 1\n"
+    code, out = cli("status", "--run-dir", "  ")
+    assert code == 2 and "run.run_dir is empty" in out
+
+
+def test_status_and_commands_survive_wrong_typed_manifest_fields(synth_run, small_ctx_model, tmp_path):
+    rd = _copy(synth_run, tmp_path)
+    m = json.loads((rd / "synth" / "manifest.json").read_text())
+    m.update(drops="x", upstream="y", timings="z")
+    (rd / "synth" / "manifest.json").write_text(json.dumps(m))
+    code, out = cli("status", "--run-dir", str(rd))
+    assert code == 0 and "synth   damaged" in out and "field 'upstream' is a str, not a dict" in out, out
+    # _SUCCESS as a directory is no marker: load is not done (and neither, then, what it fed)
+    shutil.rmtree(rd / "load" / "_SUCCESS", ignore_errors=True)
+    (rd / "load" / "_SUCCESS").unlink()
+    (rd / "load" / "_SUCCESS").mkdir()
+    code, out = cli("status", "--run-dir", str(rd))
+    assert code == 0 and "  load    -" in out, out
+    code, out = cli(*_synth_args(rd, small_ctx_model))
+    assert code == 0 and "load     ran" in out and "synth    ran" in out, out
+    assert (rd / "load" / "_SUCCESS").is_file()
+
+
+def test_train_names_a_wrong_typed_select_manifest_instead_of_crashing(tmp_path):
+    from solopo.pipeline.stage import StageContext
+    from solopo.stages.train import TrainStage
+
+    (tmp_path / "select").mkdir()
+    (tmp_path / "select" / "manifest.json").write_text('["not", "an", "object"]')
+    cfg = build_config(overrides={"run": {"run_dir": str(tmp_path)}})
+    ctx = StageContext("train", tmp_path / "train", cfg.run, cfg, upstream_dirs={"select": tmp_path / "select"})
+    with pytest.raises(SolopoError, match=r"select's drops by reason: unknown \(.*does not hold a JSON object\)"):
+        TrainStage(cfg.train, ctx).run(pa.table({"id": pa.array([], pa.string())}))
+
+
+def test_status_shows_a_killed_training_as_partial_resumable_from_its_last_checkpoint(synth_run, tmp_path):
+    rd = _copy(synth_run, tmp_path)
+    ckpts = rd / "train" / "models" / "orpo-solo.checkpoints"
+    for step, meta in ((2, '{"run_key": "k", "step": 2}'), (4, "{garbage"), (3, '{"step": "3"}')):
+        (ckpts / f"step-{step}").mkdir(parents=True)
+        (ckpts / f"step-{step}" / "solopo.json").write_text(meta)
+    code, out = cli("status", "--run-dir", str(rd))
+    assert code == 0, out
+    assert "  train   partial   resumable from step 2 (train/models/orpo-solo.checkpoints/step-2)" in out, out

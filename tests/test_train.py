@@ -207,6 +207,8 @@ def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     assert res.exit_code == 0, res.output
     out = pa.parquet.read_table(run_dir / "train" / "data.parquet").to_pylist()[0]
     assert out["algo"] == "orpo" and out["mode"] == "solo" and out["alpha"] == 1.0 and out["steps"] == 2
+    assert out["model_path"] == "train/models/orpo-solo"  # relative to the run dir
+    out["model_path"] = str(run_dir / out["model_path"])
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, TrainerState
 

@@ -467,7 +467,9 @@ def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_
     """Put each model trained in this run's eval tables into its model card: accuracy per cell (sub-EM %) and,
     separately, its paired comparisons (points vs another model). report.json names a model trained in the run
     by its path relative to `run_dir`. Models passed with --model are inputs, not outputs: their dirs are
-    fingerprinted, so they are left unchanged."""
+    fingerprinted, so they are left unchanged. Only cards inside this run dir are written (the lock covers it;
+    another run dir is another command's)."""
+    from solopo.pipeline.io import path_in_run
     from solopo.training.model_card import add_eval_results
 
     s = report["settings"]
@@ -475,6 +477,9 @@ def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_
         if not m.get("trained_here"):
             continue
         path = Path(run_dir) / m["path"]  # an absolute path stays itself
+        if Path(path_in_run(path, run_dir)).is_absolute():
+            note(f"{m['label']}: {path} is outside this run dir {run_dir}; its model card is left unchanged")
+            continue
         if not (path / "README.md").exists():
             note(f"{m['label']}: no model card at {m['path']}/README.md in the run dir; eval results not added")
             continue

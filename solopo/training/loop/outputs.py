@@ -44,6 +44,11 @@ def save_model(
     config = json.loads((tmp / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")  # save_pretrained states the model's dtype, not the saved one
     write_json(config, tmp / "config.json")
+    _finish_model_dir(tmp, model_dir, tokenizer, extra_json)
+
+
+def _finish_model_dir(tmp: Path, model_dir: Path, tokenizer, extra_json: dict[str, dict] | None) -> None:
+    """Tokenizer, HF trainer files and the running log into `tmp`, then `tmp` replaces `model_dir` (one rename)."""
     tokenizer.save_pretrained(tmp)
     for name, obj in (extra_json or {}).items():
         write_json(obj, tmp / name)
@@ -53,6 +58,29 @@ def save_model(
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
+
+
+def save_adapter_model(
+    peft_model,
+    tokenizer,
+    adapter_sd: dict[str, torch.Tensor],
+    model_dir: Path,
+    dtype: torch.dtype,
+    base_path: str,
+    merge: bool,
+    extra_json: dict[str, dict] | None = None,
+) -> None:
+    """A LoRA run's model dir. merge=True: the merged HF checkpoint at the top (what eval and AutoModelForCausalLM
+    load) and the adapter in `adapter/`; merge=False: the adapter at the top (PeftModel.from_pretrained)."""
+    from solopo.training import peft as lora
+
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    adapter_dir = tmp / lora.ADAPTER_SUBDIR if merge else tmp
+    lora.save_adapter(peft_model, adapter_sd, adapter_dir, dtype)
+    if merge:
+        lora.merge(base_path, adapter_dir, tmp, dtype)
+    _finish_model_dir(tmp, model_dir, tokenizer, extra_json)
 
 
 def make_writer(cfg, model_dir: Path, rank: int):

@@ -82,6 +82,9 @@ def reference_logps(
             "ra_ref": cfg.ra_ref,
             "dtype": cfg.dtype,
             "attn": cfg.attn,
+            # a 4-bit base (QLoRA) has other log-probs than the base's weights; LoRA's reference (the adapter
+            # disabled) is the base itself and shares full fine-tuning's cache
+            **({"base_4bit": True} if cfg.peft == "qlora" else {}),
         }
     )[:16]
     path = out_dir / "ref_logps" / f"{key}.parquet"

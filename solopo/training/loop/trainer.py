@@ -35,6 +35,7 @@ import torch
 
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
+from solopo.training import peft as lora
 from solopo.training.data import Example, build_examples, length_grouped_batches, select_target_len
 from solopo.training.logprobs import CompletionLogps, use_segment_attention
 from solopo.training.losses import OBJECTIVES, LossParams
@@ -42,7 +43,7 @@ from solopo.training.model_card import hf_trainer_files
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
-from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_model
+from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_adapter_model, save_model
 from .reference import examples_digest, reference_logps
 from .settings import (
     TrainingError,
@@ -113,6 +114,8 @@ class Model:
     module: CompletionLogps  # what the backend trains: lm + chunked completion log-probs
     ds_config: dict | None
     keep_alive: Any = None  # HfDeepSpeedConfig for ZeRO-3 (transformers reads it through a weakref)
+    peft_model: Any = None  # train.peft: the PeftModel around lm (reference switch, adapter saving)
+    base_path: str = ""  # the base model's path: the adapter is merged into it at the end
 
 
 @dataclass
@@ -169,10 +172,11 @@ def train(
     paths = run_paths(cfg, out_dir, model_path, seed, data, rt)
     ref = None
     if cfg.algo == "dpo":  # the initial weights are the reference: computed once, cached with the data
-        ref = reference_logps(
-            backend.forward, model.module, data.examples, model.pad_id, cfg, Path(out_dir), model_path,
-            rt.rank, rt.world, note, rt.device,
-        )  # fmt: skip
+        with lora.reference_context(model.peft_model):  # LoRA: the adapter disabled, i.e. the base model
+            ref = reference_logps(
+                backend.forward, model.module, data.examples, model.pad_id, cfg, Path(out_dir), model_path,
+                rt.rank, rt.world, note, rt.device,
+            )  # fmt: skip
     state = resume(cfg, backend, paths, rt, note)
 
     t_loop, start_step = time.time(), state.step
@@ -180,7 +184,8 @@ def train(
     loop_seconds = time.time() - t_loop
 
     save_outputs(cfg, backend, model, data, sched, paths, state, start_step, loop_seconds, rt)
-    return result(cfg, params, paths, data, state, rt, note, time.time() - t_start)
+    out = result(cfg, params, paths, data, state, rt, note, time.time() - t_start)
+    return {**out, "peft": lora.describe(model.peft_model, cfg)}
 
 
 # --- setup --------------------------------------------------------------------------------------------------
@@ -234,7 +239,9 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
         keep_alive = HfDeepSpeedConfig(ds_config)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=rt.dtype, attn_implementation=rt.attn)
+    lm = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=rt.dtype, attn_implementation=rt.attn, **lora.load_kwargs(cfg, rt.dtype)
+    )
     lm.config.use_cache = False
     if cfg.disable_dropout:
         if disable_dropout(lm):
@@ -245,13 +252,20 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
         note("dropout stays on in the policy (train.disable_dropout=false): DPO's step-1 loss is not log 2")
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # train.peft: LoRA layers injected into `lm` in place; peft_model (None without) is the reference switch.
+    peft_model = lora.wrap(lm, cfg, zero3=cfg.deepspeed == "zero3", note=note)
     if cfg.shared_prefix and not use_segment_attention(lm):
         note(f"shared_prefix with {rt.attn} attention builds a dense (b, 1, s, s) mask (O(s^2)); sdpa avoids it")
     # ZeRO-3 gathers the LM head's weights at every chunk call: ranks must agree on the chunk count.
-    module = CompletionLogps(lm, chunk_size=cfg.logps_chunk, sync_chunks=cfg.deepspeed == "zero3" and rt.world > 1)
+    module = CompletionLogps(
+        lm,
+        chunk_size=cfg.logps_chunk,
+        sync_chunks=cfg.deepspeed == "zero3" and rt.world > 1,
+        reentrant_head=peft_model is not None and cfg.deepspeed == "zero3",  # frozen head under ZeRO-3
+    )
     if not rt.use_ds:
         module.to(rt.device)
-    return Model(tokenizer, pad_id, lm, module, ds_config, keep_alive)
+    return Model(tokenizer, pad_id, lm, module, ds_config, keep_alive, peft_model, model_path)
 
 
 def setup_data(cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes) -> Data:
@@ -287,11 +301,11 @@ def plan_steps(cfg, n_examples: int, rt: Runtime) -> Schedule:
 def setup_backend(cfg, model: Model, sched: Schedule, rt: Runtime) -> PlainBackend:
     """Optimizer and scheduler behind plain torch or a DeepSpeed engine."""
     module = model.module
-    optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(lora.trainable(module), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if rt.use_ds and cfg.offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = DeepSpeedCPUAdam(lora.trainable(module), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, sched.total_steps)
     if not rt.use_ds:
         return PlainBackend(module, optimizer, scheduler, cfg)
@@ -413,7 +427,8 @@ def save_outputs(
 ) -> None:  # fmt: skip
     """The final model in HF format (training dtype unless train.save_dtype=fp32), curves and history; the
     checkpoints go once the model is written."""
-    sd = backend.full_state_dict()
+    pm = model.peft_model
+    sd = backend.full_state_dict() if pm is None else lora.adapter_state_dict(pm, cfg, rt.rank)
     check_state_finite(sd if rt.rank == 0 else None, rt.device)
     if rt.rank == 0:
         save_dtype = torch.float32 if cfg.save_dtype == "fp32" else rt.dtype
@@ -428,7 +443,12 @@ def save_outputs(
             n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in model.lm.named_parameters() if "embed" not in n),
             world=rt.world,
         )
-        save_model(model.lm, model.tokenizer, sd, paths.model_dir, save_dtype, hf_files)
+        if pm is None:
+            save_model(model.lm, model.tokenizer, sd, paths.model_dir, save_dtype, hf_files)
+        else:
+            save_adapter_model(
+                pm, model.tokenizer, sd, paths.model_dir, save_dtype, model.base_path, cfg.merge_adapter, hf_files
+            )
         if cfg.save_steps > 0:
             shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
         plot_curves(state.history, paths.model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
