@@ -5,6 +5,7 @@ comparisons of constructed models, and a report.json that stands alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,11 +74,12 @@ class ScriptedBackend:
 
 
 def _model_copy(src: Path, dst: Path, record: dict | None = None) -> Path:
-    """Tokenizer + config of the tiny model (no weights: the scripted backend never loads them)."""
+    """The tiny model under another name (weights hard-linked: the scripted backend never loads them, but the
+    model dir is checked whole when resolved)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy(f, dst / f.name)
+        if f.is_file():
+            (os.link if f.name.endswith(".safetensors") else shutil.copy)(f, dst / f.name)
     if record is not None:
         (dst / "train_result.json").write_text(json.dumps(record))
     return dst

@@ -262,7 +262,9 @@ class EvalStage(Stage):
             if Path(name).expanduser().exists():
                 name = Path(name).expanduser().resolve().name  # a short label; report.json maps it to the path
             base_label = f"base ({name})"
-            models.append(EvalModel(base_label, resolve_model(self.ctx.run.model), "base"))
+            models.append(
+                EvalModel(base_label, resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code), "base")
+            )
         if data is not None:
             for row in data.to_pylist():
                 label = row.get("label") or f"{row.get('algo', 'trained')}-{row.get('mode', '')}".strip("-")
@@ -284,7 +286,11 @@ class EvalStage(Stage):
                 models.append(EvalModel(label, path, "trained", row.get("algo"), row.get("mode"), True, training))
         for spec in self.config.models:
             label, path = parse_model_spec(spec)
-            path = str(Path(path).expanduser().resolve()) if lora.is_adapter_dir(path) else resolve_model(path)
+            path = (
+                str(Path(path).expanduser().resolve())
+                if lora.is_adapter_dir(path)
+                else resolve_model(path, self.ctx.run.trust_remote_code, label=f"-m {spec}")
+            )
             rec = training_record(path)
             if rec:
                 models.append(EvalModel(label, path, "trained", rec["algo"], rec["mode"], training=rec))

@@ -87,7 +87,17 @@ class TrainConfig(StageConfig):
     hostfile: str | None = None
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     logging_steps: int = Field(default=1, gt=0)
-    save_steps: int = 0
+    save_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="checkpoint every N optimizer steps; None = every save_minutes of training; 0 = never",
+    )
+    save_minutes: float = Field(
+        default=10.0, gt=0, description="with save_steps unset: checkpoint after each this many minutes of training"
+    )
+    save_total_limit: int = Field(
+        default=2, ge=0, description="checkpoints kept (newest first; 0 = all); all are removed once the model is saved"
+    )
     resume: bool = True
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"

@@ -81,7 +81,7 @@ def hf_trainer_files(
         global_step=steps,
         max_steps=total_steps,
         logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_steps or 0,  # 0 with time-based checkpoints (train.save_minutes)
         train_batch_size=cfg.micro_batch_size,
         num_train_epochs=math.ceil(total_steps / steps_per_epoch),
         num_input_tokens_seen=tokens,
