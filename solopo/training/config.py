@@ -46,7 +46,9 @@ class TrainConfig(StageConfig):
     orpo_lambda: float = Field(default=0.1, description="ORPO odds-ratio weight (ORPO paper; TRL's ORPOConfig.beta)")
     orpo_nll: Literal["completion", "sequence"] = Field(
         default="completion",
-        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer)",
+        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer); "
+        "either way averaged per token within each example, then over the batch's examples, where TRL averages over "
+        "all tokens of the batch at once (equal at micro_batch_size 1 or equal lengths)",
     )
     ra_ref: Literal["long", "short"] = Field(
         default="long", description="DPO long reward reference: pi_ref(y_w|x_long) precomputed, or reuse the short one"
