@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +37,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, sp: int, model: Path, out: Path, zero: str = "zero2") -> dict:
-    """`world` worker processes of this file (env rendezvous, gloo); rank 0's results."""
+def launch(world: int, sps: str, model: Path, out: Path, zero: str = "zero2") -> dict:
+    """`world` worker processes of this file (env rendezvous, gloo) running the cases at SP size `sps`; rank 0's
+    results by SP size."""
+    return launch_args(world, [str(model), str(out), sps, zero], out)
+
+
+def launch_args(world: int, args: list[str], out: Path, env_extra: dict | None = None, ok: bool = True) -> dict:
     port = _port()
     procs = []
     for r in range(world):
@@ -51,17 +57,21 @@ def launch(world: int, sp: int, model: Path, out: Path, zero: str = "zero2") -> 
             "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
+            **(env_extra or {}),
         }
-        cmd = [sys.executable, __file__, str(model), str(out), str(sp), zero]
+        cmd = [sys.executable, __file__, *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
+    if not ok:
+        assert all(p.returncode != 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+        return {"logs": logs}
     assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def one_rank(tiny_model_dir, tmp_path_factory):
-    return launch(1, 1, tiny_model_dir, tmp_path_factory.mktemp("sp1") / "r.json")
+    return launch(1, "1", tiny_model_dir, tmp_path_factory.mktemp("sp1") / "r.json")
 
 
 def assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
@@ -77,29 +87,104 @@ def assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
                 assert abs(g - v) <= tol * max(1.0, abs(v)), (case, k, g, v)
 
 
-@pytest.mark.parametrize("world,sp", [(2, 2), (4, 4), (4, 2)], ids=["sp2", "sp4", "dp2xsp2"])
-def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, world, sp):
+# one launch per topology: a second ALST setup in a process that already ran one under another SP size desyncs gloo
+@pytest.mark.parametrize("world,sps", [(2, "2"), (4, "4"), (4, "2")], ids=["sp2", "sp4", "dp2xsp2"])
+def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, world, sps):
     """Per-example losses, rewards (and the RA distance), DPO reference log-probs and the gradient norm under SP
-    equal one rank's within 1e-5 for every case; dp2xsp2 also checks DP x SP (2 groups of 2, each half the batch)."""
-    got = launch(world, sp, tiny_model_dir, tmp_path / "r.json")
+    equal one rank's within 1e-5 for every case: sp 2, sp 4 (KV heads replicated), and 4 ranks as 2 DP groups of
+    sp 2 (each group half the batch)."""
+    got_all = launch(world, sps, tiny_model_dir, tmp_path / "r.json")
+    one = one_rank["1"]
+    assert all(v["grad_norm"] > 0 for k, v in one.items() if k not in ("reference", "meta"))
+    assert "uattn" not in one["meta"]["sdpa"]
+    got, sp = got_all[sps], int(sps)
     assert len(got) == len(CASES) + 2  # + the reference pass, meta
     # SP really ran: ALST's attention in place of sdpa, and each decoder call saw 1/sp of the longest row
     assert got["meta"]["sp"] == sp and "uattn_wrapper" in got["meta"]["sdpa"]
-    assert "uattn" not in one_rank["meta"]["sdpa"]
-    assert got["meta"]["max_tokens_per_call"] <= -(-one_rank["meta"]["max_tokens_per_call"] // sp)
-    assert_same(got, one_rank)
-    assert all(v["grad_norm"] > 0 for k, v in one_rank.items() if k != "reference")
+    assert got["meta"]["max_tokens_per_call"] <= -(-one["meta"]["max_tokens_per_call"] // sp)
+    assert_same(got, one)
 
 
-def test_zero3_sp_equals_one_rank(tiny_model_dir, tmp_path, one_rank):
-    """ZeRO-3 (parameters partitioned over both ranks) with sp 2: same values as one rank under ZeRO-2."""
-    got = launch(2, 2, tiny_model_dir, tmp_path / "r.json", zero="zero3")
-    assert got["meta"]["sp"] == 2 and "uattn_wrapper" in got["meta"]["sdpa"]
-    assert_same(got, one_rank)
+def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
+    """The real train() on 2 ranks, ZeRO-3 (parameters partitioned over both), sp 2: killed after its step-2
+    checkpoint, relaunched, it resumes there; its per-step losses, rewards and gradient norms and its final weights
+    equal one plain process's (step 1 within 1e-5; later steps within 1e-4: Adam's m/sqrt(v) magnifies the last
+    float32 bits of tiny gradients after the first update, as in tests/test_train_multirank.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import run, weights
+
+    kw = dict(algo="dpo", max_steps=3, save_steps=2, micro_batch_size=1, grad_accum=1, lr=1e-3, max_grad_norm=1e9)
+    out, res = tmp_path / "sp", tmp_path / "result.json"
+    spec = json.dumps({**kw, "deepspeed": "zero3", "sp_size": 2})
+    args = ["train", str(tiny_model_dir), str(out), spec, str(res)]
+    crashed = launch_args(2, args, res, env_extra={"SOLOPO_TEST_KILL_AT_STEP": "3"}, ok=False)
+    assert any("simulated kill at step 3" in x for x in crashed["logs"])
+    ckpt = out / "models" / "dpo-solo.checkpoints"
+    assert (ckpt / "step-2").exists() and not (out / "models" / "dpo-solo" / "_SUCCESS").exists()
+    got = launch_args(2, args, res)
+    assert any("resumed from checkpoint" in n and "step-2" in n for n in got["notes"]), got["notes"]
+    assert got["sp_size"] == 2 and got["world_size"] == 2 and got["deepspeed"] == "zero3" and got["steps"] == 3
+
+    one = run(tmp_path / "one", tiny_model_dir, **{**kw, "deepspeed": "none"})  # the same batches (dp 1)
+    rows = [json.loads(x) for x in (Path(got["model_path"]) / "logs.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for k in ("loss", "reward_chosen", "reward_rejected", "ra_distance", "grad_norm", "tokens"):
+        assert rows[0][k] == pytest.approx(ref[0][k], rel=1e-5, abs=1e-6), k
+        assert [r[k] for r in rows] == pytest.approx([r[k] for r in ref], rel=1e-4, abs=1e-5), k
+    w_sp, w_one = weights(got["model_path"]), weights(one["model_path"])
+    for k in w_one:
+        torch.testing.assert_close(w_sp[k], w_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_head_count_error_names_valid_sizes(tmp_path, tiny_model_dir):
+    """sp_size=3 with 4 attention heads: the CLI stops before launching (exit 2) and names the valid sizes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import write_export_chain
+
+    run_dir = tmp_path / "run"
+    common = [f"run.run_dir={run_dir}", f"run.model={tiny_model_dir}", "run.seed=0"]
+    write_export_chain(run_dir, common)
+    sets = [*common, "train.num_processes=3", "train.sp_size=3", "train.deepspeed=zero2", "train.max_steps=1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "solopo.cli", "train"] + [x for s in sets for x in ("--set", s)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 2, log[-3000:]
+    assert (
+        "train.sp_size=3" in log
+        and "4 attention heads, 2 KV heads" in log
+        and "Valid sp sizes for this model: 1, 2, 4" in log
+    )
+    assert "launching" not in log and "Traceback" not in log
+
+
+def test_sp_config_checks(tiny_model_dir):
+    from pydantic import ValidationError
+
+    from solopo.pipeline.errors import ConfigError
+    from solopo.training.config import TrainConfig
+    from solopo.training.seq_parallel import check_sp, valid_sp_sizes
+
+    for bad, msg in ((0, "greater than or equal to 1"), ("auto", "valid integer"), (2.5, "valid integer")):
+        with pytest.raises(ValidationError, match=msg):
+            TrainConfig(sp_size=bad)
+    with pytest.raises(ValidationError, match="sp_size > 1 runs through DeepSpeed"):
+        TrainConfig(sp_size=2, deepspeed="none")
+    with pytest.raises(ValidationError, match="eager"):
+        TrainConfig(sp_size=2, attn="eager")
+    # Qwen2.5-7B (28 heads, 4 KV heads): 8 does not divide 28; 7 and 14 neither divide 4 KV heads nor are multiples
+    assert valid_sp_sizes(28, 4) == [1, 2, 4, 28]
+    assert valid_sp_sizes(32, 8) == [1, 2, 4, 8, 16, 32]  # Llama-3-8B: 16 and 32 replicate the 8 KV heads
+    assert valid_sp_sizes(4, 2) == [1, 2, 4]
+    check_sp(TrainConfig(sp_size=4), str(tiny_model_dir), 8)  # fine: 4 heads, 2 KV heads replicated
+    with pytest.raises(ConfigError, match="divisible by it \\(now 6\\)"):
+        check_sp(TrainConfig(sp_size=4), str(tiny_model_dir), 6)
 
 
 # --- the worker: python tests/test_sp.py MODEL OUT SP ZERO (one process per rank) ----------------------------------
-def _worker(model: str, out_path: str, sp_size: int, zero: str) -> None:
+def _worker(model: str, out_path: str, sp_sizes: str, zero: str) -> None:
+    """Every case at one SP size (`sp_sizes`: one number), rank 0 writes {sp: {case: values}}."""
     import pyarrow as pa
     import torch
     from test_train import export_rows
@@ -125,8 +210,9 @@ def _worker(model: str, out_path: str, sp_size: int, zero: str) -> None:
         r.update(long_chosen_response=r["chosen_response"] + " Sure.", long_rejected_response="Paris, I think.")
     table = pa.Table.from_pylist(rows)
     cpu = torch.device("cpu")
-    results: dict[str, dict] = {}
-    base = TrainConfig(max_grad_norm=1e9, micro_batch_size=4, grad_accum=1, deepspeed=zero, sp_size=sp_size)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
 
     def gathered(ids: list[str], vals: dict[str, list]) -> dict[str, list]:
         """Every DP group's examples, sorted by id (the ranks of one SP group hold identical values)."""
@@ -134,13 +220,15 @@ def _worker(model: str, out_path: str, sp_size: int, zero: str) -> None:
         order = sorted(range(len(cols["id"])), key=lambda i: cols["id"][i])
         return {k: [cols[k][i] for i in order] for k in vals}
 
+    sp_size, results = int(sp_sizes), {}
     for shared in (False, True):  # one model per attention implementation: sdpa, then the shared-prefix segments
         import deepspeed
+        from deepspeed.runtime.sequence_parallel import parallel_state_sp
 
-        if shared and sp_size > 1:  # ALST builds the SP groups once per process: release them for the second model
-            from deepspeed.runtime.sequence_parallel import parallel_state_sp
-
-            parallel_state_sp._release_sequence_parallel_groups()
+        # ALST builds the SP groups once per process and wraps the registered attention: undo both for the second model
+        parallel_state_sp._release_sequence_parallel_groups()
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
+        base = TrainConfig(max_grad_norm=1e9, micro_batch_size=4, grad_accum=1, deepspeed=zero, sp_size=sp_size)
         cfg = base.model_copy(update={"shared_prefix": shared})
         ds = build_ds_config(cfg, torch.float32, world)
         keep = HfDeepSpeedConfig(ds) if zero == "zero3" else None  # noqa: F841 (ZeRO-3 partitioned loading)
@@ -185,14 +273,41 @@ def _worker(model: str, out_path: str, sp_size: int, zero: str) -> None:
             mine = examples[sp.dp_rank :: sp.dp_size]
             cols = compute_ref_logps(backend.forward, mine, tok.pad_token_id, 2, "ref", cpu, True)
             results["reference"] = gathered(cols.pop("id"), cols)
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
             attn = ALL_ATTENTION_FUNCTIONS["sdpa"]
             results["meta"] = {"sp": sp.size, "max_tokens_per_call": max(lengths), "sdpa": attn.__qualname__}
     if rank == 0:
-        Path(out_path).write_text(json.dumps(results))
+        Path(out_path).write_text(json.dumps({str(sp_size): results}))
+
+
+def _train_worker(model: str, out_dir: str, spec: str, result_path: str) -> None:
+    """One rank of the real train(); SOLOPO_TEST_KILL_AT_STEP=N dies in step N (after the step-2 checkpoint)."""
+    import pyarrow as pa
+    from test_train import export_rows
+
+    import solopo.training.loop.step as step
+    from solopo.training.config import TrainConfig
+    from solopo.training.loop.trainer import train
+
+    kill = int(os.environ.get("SOLOPO_TEST_KILL_AT_STEP", 0))
+    real, calls = step._Agg.finish, []
+
+    def finish(self, *a, **k):
+        calls.append(1)
+        if len(calls) == kill:
+            raise SystemExit(f"simulated kill at step {kill}")
+        return real(self, *a, **k)
+
+    step._Agg.finish = finish
+    cfg = TrainConfig(**{"gradient_checkpointing": False, "warmup_ratio": 0.0, "lr_scheduler": "constant",
+                         **json.loads(spec)})  # fmt: skip
+    result = train(cfg, model, table=pa.Table.from_pylist(export_rows()), out_dir=out_dir, seed=0)
+    if int(os.environ["RANK"]) == 0:
+        Path(result_path).write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).parent))
-    _worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    if sys.argv[1] == "train":
+        _train_worker(*sys.argv[2:])
+    else:
+        _worker(*sys.argv[1:5])

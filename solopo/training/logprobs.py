@@ -258,7 +258,7 @@ class CompletionLogps(nn.Module):
         padded, lo, hi = self.sp.bounds(s)
         if position_ids is None:
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        if padded > s:  # pads continue the positions (ALST gathers them; they must stay increasing)
+        if padded > s:  # pads after the last token, positions continuing (sdpa attends causally by order)
             extra_pos = position_ids[:, -1:] + torch.arange(1, padded - s + 1, device=input_ids.device)
             position_ids = torch.cat([position_ids, extra_pos], dim=1)
             input_ids = torch.cat([input_ids, input_ids.new_zeros(b, padded - s)], dim=1)
@@ -274,7 +274,9 @@ class CompletionLogps(nn.Module):
                     **extra,
                 ).last_hidden_state
             )  # (1, s_pad / sp, d)
-        mine = (t.pi >= lo) & (t.pi < hi)  # (n,): the targets whose predicting position is in this slice
+        # (n,): the targets whose predicting position is in this slice (on CUDA one host sync per forward, small
+        # beside ALST's per-layer collectives)
+        mine = (t.pi >= lo) & (t.pi < hi)
         local = Targets(t.bi[mine], t.ti[mine], t.pi[mine] - lo, t.sel[:, mine])
         return torch.cat(rows), local
 

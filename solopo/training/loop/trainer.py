@@ -167,7 +167,7 @@ def train(
     torch.manual_seed(seed)
     _log_header(cfg, params, rt)
     model = setup_model(cfg, model_path, rt, note)
-    setup_parallel(cfg, model, rt)  # rt.sp: DP x SP groups, ALST attention under SP
+    setup_parallel(cfg, model, rt, note)  # rt.sp: DP x SP groups, ALST attention under SP
     data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note)
     sched = plan_steps(cfg, len(data.examples), rt)
     backend = setup_backend(cfg, model, sched, rt)  # rt.device: the engine's under DeepSpeed
@@ -262,12 +262,17 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
     return Model(tokenizer, pad_id, lm, module, ds_config, keep_alive)
 
 
-def setup_parallel(cfg, model: Model, rt: Runtime) -> None:
+def setup_parallel(cfg, model: Model, rt: Runtime, note: Notes) -> None:
     """The parallel topology: data parallel over all ranks, or (train.sp_size > 1) world / sp_size DP groups of
     sp_size ranks that split each sequence (DeepSpeed ALST). After the model: ALST wraps its final attention."""
     zero_stage = 3 if cfg.deepspeed == "zero3" else 2
     rt.sp = setup_sequence_parallel(model.lm, cfg.sp_size, rt.rank, rt.world, zero_stage)
     model.module.sp = rt.sp
+    if rt.sp.on:
+        note(
+            f"train.sp_size={rt.sp.size}: {rt.sp.dp_size} data-parallel group(s) of {rt.sp.size} ranks, each rank "
+            f"decoding 1/{rt.sp.size} of every row (DeepSpeed ALST over {rt.attn} attention)"
+        )
 
 
 def setup_data(cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes) -> Data:
