@@ -5,6 +5,7 @@ comparisons of constructed models, and a report.json that stands alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,11 +74,12 @@ class ScriptedBackend:
 
 
 def _model_copy(src: Path, dst: Path, record: dict | None = None) -> Path:
-    """Tokenizer + config of the tiny model (no weights: the scripted backend never loads them)."""
+    """The tiny model under another name (weights hard-linked: the scripted backend never loads them, but the
+    model dir is checked whole when resolved)."""
     dst.mkdir(parents=True)
     for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors"):
-            shutil.copy(f, dst / f.name)
+        if f.is_file():
+            (os.link if f.name.endswith(".safetensors") else shutil.copy)(f, dst / f.name)
     if record is not None:
         (dst / "train_result.json").write_text(json.dumps(record))
     return dst
@@ -301,7 +303,7 @@ def test_cli_eval_from_run_takes_its_settings_and_excludes_its_ids(tmp_path, tin
     assert "100.0 [" in res.output and "(n=3)" in res.output  # the printed report has intervals
 
     ScriptedBackend.calls = []
-    res = CliRunner().invoke(app, [*args, "--max-tokens", "21", "--match", "substring"])
+    res = CliRunner().invoke(app, [*args, "--max-tokens", "21", "--match", "substring", "--rerun"])
     assert res.exit_code == 0, res.output
     assert ScriptedBackend.calls[0]["max_tokens"] == 21 and "Sub-EM (substring rule)" in res.output
     res = CliRunner().invoke(app, [*args[:4], str(tmp_path / "nowhere"), *args[5:]])
@@ -318,13 +320,14 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
     card = (
         "---\nlicense: apache-2.0\ntags:\n- solopo\n---\n# m\n\n<!-- solopo:eval:start -->\n<!-- solopo:eval:end -->\n"
     )
-    trained = _model_copy(tiny_model_dir, tmp_path / "right-solo", {"algo": "orpo", "mode": "solo"})
+    run_dir = tmp_path / "run"
+    trained = _model_copy(tiny_model_dir, run_dir / "train/models/right-solo", {"algo": "orpo", "mode": "solo"})
     other = _model_copy(tiny_model_dir, tmp_path / "half-other")
     for d in (trained, other):
         (d / "README.md").write_text(card)
-    run_dir = tmp_path / "run"
-    write_parquet(
-        pa.table({"model_path": [str(trained)], "algo": ["orpo"], "mode": ["solo"]}), run_dir / "train" / "data.parquet"
+    write_parquet(  # train stores its model path relative to the run dir
+        pa.table({"model_path": ["train/models/right-solo"], "algo": ["orpo"], "mode": ["solo"]}),
+        run_dir / "train" / "data.parquet",
     )
     write_text("trainkey\n", run_dir / "train" / "_SUCCESS")
     base = _model_copy(tiny_model_dir, tmp_path / "wrong-base")

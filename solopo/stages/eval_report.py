@@ -412,16 +412,22 @@ def plot_depth(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None]) -> None:
+def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_dir: Path) -> None:
     """Put each model trained in this run's eval table (and its comparisons) into its model card. Models
-    passed with --model are inputs, not outputs: their dirs are fingerprinted, so they are left unchanged."""
+    passed with --model are inputs, not outputs: their dirs are fingerprinted, so they are left unchanged. Only
+    cards inside this run dir are written (the lock covers it; another run dir is another command's)."""
+    from solopo.pipeline.io import path_in_run
     from solopo.training.model_card import add_eval_results
 
     s = report["settings"]
     for m in report["model_info"]:
         if not m.get("trained_here"):
             continue
-        if not (Path(m["path"]) / "README.md").exists():
+        path = Path(run_dir) / m["path"]  # an absolute path stays itself
+        if Path(path_in_run(path, run_dir)).is_absolute():
+            note(f"{m['label']}: {path} is outside this run dir {run_dir}; its model card is left unchanged")
+            continue
+        if not (path / "README.md").exists():
             note(f"{m['label']}: {m['path']} has no model card (README.md); eval results not added")
             continue
         rows = [
@@ -450,5 +456,5 @@ def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None]) -> N
             "another model in percentage points with a 95% paired bootstrap interval. Full report: the "
             "training run's `eval/report.md`."
         )
-        add_eval_results(m["path"], rows, title="Evaluation", notes=notes)
-        log.info("[eval] added the eval table to %s", Path(m["path"]) / "README.md")
+        add_eval_results(path, rows, title="Evaluation", notes=notes)
+        log.info("[eval] added the eval table to %s", path / "README.md")

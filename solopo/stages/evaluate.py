@@ -26,7 +26,7 @@ from solopo import stats
 from solopo.engines import EngineConfig
 from solopo.pipeline.config import format_length, parse_lengths, register_preset
 from solopo.pipeline.errors import ConfigError, SolopoError
-from solopo.pipeline.io import dir_fingerprint, write_json, write_text
+from solopo.pipeline.io import dir_fingerprint, path_in_run, resolve_in_run, write_json, write_text
 from solopo.pipeline.stage import Stage
 
 from . import register
@@ -133,6 +133,14 @@ class EvalStage(Stage):
     reads = ("model_path",)
     writes = ("model", "dataset", "target_len", "depth", "id", "prediction", "sub_em", "finish_reason")
     version = "2"
+    expensive = True
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.ctx.run.run_dir)
+
+    def stored(self, path: str) -> str:
+        return path_in_run(path, self.run_dir)
 
     # --- settings taken from the run -------------------------------------------------------------
     def max_tokens(self) -> tuple[int, str]:
@@ -155,6 +163,7 @@ class EvalStage(Stage):
 
     def _models(self, data: pa.Table | None) -> list[EvalModel]:
         from solopo.models import EMBEDDED_NAME, resolve_model
+        from solopo.training import peft as lora
 
         models: list[EvalModel] = []
         if self.config.include_base:
@@ -162,14 +171,21 @@ class EvalStage(Stage):
             if Path(name).expanduser().exists():
                 name = Path(name).expanduser().resolve().name  # a short label; report.json maps it to the path
             base_label = f"base ({name})"
-            models.append(EvalModel(base_label, resolve_model(self.ctx.run.model), "base"))
+            models.append(
+                EvalModel(base_label, resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code), "base")
+            )
         if data is not None:
             for row in data.to_pylist():
                 label = row.get("label") or f"{row.get('algo', 'trained')}-{row.get('mode', '')}".strip("-")
-                models.append(EvalModel(label, row["model_path"], "trained", row.get("algo"), row.get("mode"), True))
+                path = resolve_in_run(row["model_path"], self.run_dir)  # stored relative to the run dir
+                models.append(EvalModel(label, path, "trained", row.get("algo"), row.get("mode"), True))
         for spec in self.config.models:
             label, path = parse_model_spec(spec)
-            path = resolve_model(path)
+            path = (
+                str(Path(path).expanduser().resolve())
+                if lora.is_adapter_dir(path)
+                else resolve_model(path, self.ctx.run.trust_remote_code, label=f"-m {spec}")
+            )
             rec = training_record(path)
             if rec:
                 models.append(EvalModel(label, path, "trained", rec["algo"], rec["mode"]))
@@ -273,7 +289,18 @@ class EvalStage(Stage):
             trust_remote_code=self.ctx.run.trust_remote_code,
             batch_size=self.config.batch_size,
             tensor_parallel_size=self.config.tensor_parallel_size,
+            log_file=self.ctx.out_dir / "vllm.log",  # vLLM's own output, off the console (issue 26.1)
         )
+
+    def _generation_path(self, model: EvalModel, info: dict[str, Any]) -> str:
+        """A LoRA adapter dir (train.merge_adapter=false) is evaluated merged into its base; recorded per model."""
+        from solopo.training import peft as lora
+
+        if not lora.is_adapter_dir(model.path):
+            return model.path
+        path, info["adapter"] = lora.merged_for_eval(model.path, self.ctx.out_dir / "merged", self.ctx.note)
+        self._adapters[model.label] = info["adapter"]
+        return path
 
     def _generate(self, backend, label: str, prompts: list[str], max_tokens: int) -> list:
         """Greedy answers, one per prompt: the one place eval calls a generation engine."""
@@ -338,7 +365,8 @@ class EvalStage(Stage):
 
         models = self._models(data)
         max_tokens, budget_from = self.max_tokens()
-        self._models_info: list[dict[str, Any]] = [asdict(m) for m in models]
+        # paths inside the run dir are stored relative to it (report.json, the table), as train stores them
+        self._models_info: list[dict[str, Any]] = [{**asdict(m), "path": self.stored(m.path)} for m in models]
         self._skipped: list[dict[str, Any]] = []
         tokenizer = AutoTokenizer.from_pretrained(models[0].path, trust_remote_code=self.ctx.run.trust_remote_code)
         evalset = self._eval_set(tokenizer)
@@ -349,8 +377,9 @@ class EvalStage(Stage):
         self.ctx.stat("max_tokens_from", budget_from)
         self.ctx.stat("match", self.config.match)
         out: dict[str, list] = defaultdict(list)
+        self._adapters: dict[str, dict[str, Any]] = {}
         for model, info in zip(models, self._models_info, strict=True):
-            backend = self._backend(model.path)
+            backend = self._backend(self._generation_path(model, info))
             info["backend"] = backend.name
             info["dtype"] = str(getattr(backend, "dtype", "engine default"))
             info["backend_settings"] = dict(getattr(backend, "settings", {}))  # engine options, when it states them
@@ -363,7 +392,7 @@ class EvalStage(Stage):
             for r, g in zip(fits, gens, strict=True):
                 pred = extract_final_answer(g.text)
                 out["model"].append(model.label)
-                out["model_path"].append(model.path)
+                out["model_path"].append(info["path"])
                 out["dataset"].append(r["dataset"])
                 out["target_len"].append(r["target_len"])
                 out["long_tokens"].append(r["long_tokens"])
@@ -415,6 +444,7 @@ class EvalStage(Stage):
                 mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
             ),
             "exclude_from": c.exclude_from,
+            "adapters": getattr(self, "_adapters", {}),  # label -> how a LoRA adapter dir was evaluated
             "versions": library_versions(),
         }
 
@@ -436,7 +466,7 @@ class EvalStage(Stage):
         report["plots"] = plots
         write_json(report, out / "report.json")
         write_text(report_markdown(report), out / "report.md")
-        add_to_model_cards(report, self.ctx.note)
+        add_to_model_cards(report, self.ctx.note, self.run_dir)
         return table
 
 
@@ -450,13 +480,21 @@ class CompareEvalStage(EvalStage):
     reads = ()
 
 
-def exclude_ids_from(path: str) -> set[str]:
-    """Training ids from a run dir (its load/export output) or a triplet Parquet file."""
+def exclude_ids_from(path: str, _seen: frozenset[str] = frozenset()) -> set[str]:
+    """Training ids from a triplet Parquet file, or everything a run dir's own eval excludes: its loaded ids
+    (load output, a superset of the exported ones), its export's, and its own eval.exclude_from."""
+    from solopo.pipeline.config import saved_settings
     from solopo.pipeline.io import read_parquet
 
     p = Path(path)
-    candidates = [p] if p.is_file() else [p / "export" / "data.parquet", p / "load" / "data.parquet"]
-    for c in candidates:
-        if c.exists():
-            return set(read_parquet(c).column("id").to_pylist())
-    raise SolopoError(f"--exclude-from {path}: found neither a Parquet file nor a run dir with load/export output")
+    if p.is_file():
+        return set(read_parquet(p).column("id").to_pylist())
+    found = [c for c in (p / "load" / "data.parquet", p / "export" / "data.parquet") if c.exists()]
+    if not found:
+        raise SolopoError(f"--exclude-from {path}: found neither a Parquet file nor a run dir with load/export output")
+    ids = set().union(*(set(read_parquet(c).column("id").to_pylist()) for c in found))
+    more = ((saved_settings(p) or {}).get("eval") or {}).get("exclude_from")
+    key = str(p.resolve())
+    if more and key not in _seen:
+        ids |= exclude_ids_from(more if Path(more).exists() else resolve_in_run(more, p), _seen | {key})
+    return ids

@@ -111,7 +111,14 @@ def launch_command(plan: LaunchPlan, spec_path: Path, cfg) -> list[str]:
 
 
 def run_launched(
-    plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None, out_dir: Path, seed: int, source: str
+    plan: LaunchPlan,
+    cfg,
+    model_path: str,
+    table: pa.Table | None,
+    out_dir: Path,
+    seed: int,
+    source: str,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write the data and a spec next to the model, launch the ranks, read rank 0's result."""
     from solopo.training.seq_parallel import check_sp
@@ -134,6 +141,7 @@ def run_launched(
         "seed": seed,
         "source": source,
         "result_path": str(result_path.resolve()),
+        "trust_remote_code": trust_remote_code,
     }
     spec_path = work / "spec.json"
     write_json(spec, spec_path)
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir=spec["out_dir"],
         seed=spec["seed"],
         source=spec["source"],
+        trust_remote_code=bool(spec.get("trust_remote_code", False)),
     )
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(result, spec["result_path"])

@@ -154,19 +154,21 @@ def chunked_token_logps(
     chunk_size: int = 1024,
     softcap: float | None = None,
     min_chunks: int = 0,
+    reentrant: bool = False,
 ) -> torch.Tensor:
     """log softmax(lm_head(hidden))[labels] for (n, d) hidden states, `chunk_size` rows at a time.
 
     `min_chunks` pads with empty chunks so that lm_head is called (forward, and recomputed in backward) at least
     that many times: under ZeRO-3 every call gathers the head's weights collectively, so all ranks must make the
-    same number of calls."""
+    same number of calls. `reentrant`: checkpoint reentrantly (a frozen head under ZeRO-3, e.g. LoRA: the
+    non-reentrant recompute sees the head's released partition)."""
     out = []
     for c in range(max(num_chunks(hidden.shape[0], chunk_size), min_chunks)):
         start = c * chunk_size  # past the end for padding chunks: an empty (0, d) slice, still in the graph
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute the chunk's logits in backward instead of keeping (chunk, vocab) floats alive.
-            out.append(checkpoint(_token_logps, lm_head, h, y, softcap, use_reentrant=False))
+            out.append(checkpoint(_token_logps, lm_head, h, y, softcap, use_reentrant=reentrant))
         else:
             out.append(_token_logps(lm_head, h, y, softcap))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
@@ -179,13 +181,21 @@ class CompletionLogps(nn.Module):
     module, and the parameter-gathering hooks fire for the decoder and the LM head as they are called.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 1024, sync_chunks: bool = False, sp: SeqParallel | None = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        chunk_size: int = 1024,
+        sync_chunks: bool = False,
+        reentrant_head: bool = False,
+        sp: SeqParallel | None = None,
+    ):
         super().__init__()
         self.lm = lm
         self.sp = sp or SeqParallel()  # train.sp_size > 1: each rank runs its slice of every row
         self.chunk_size = chunk_size
         # ZeRO-3 with several ranks: agree on the LM-head chunk count (all-reduce MAX) before calling the head.
         self.sync_chunks = sync_chunks
+        self.reentrant_head = reentrant_head  # see chunked_token_logps
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
 
     def forward(
@@ -240,7 +250,9 @@ class CompletionLogps(nn.Module):
         # Under SP at least one (maybe empty) head call: every rank's loss must reach its decoder, whose backward
         # holds the all-to-all collectives of the other ranks.
         chunks = max(self._agreed_chunks(h.shape[0], h.device), int(self.sp.on))
-        tok = chunked_token_logps(lm_head, h, labels, self.chunk_size, self.softcap, chunks)  # (n,)
+        tok = chunked_token_logps(
+            lm_head, h, labels, self.chunk_size, self.softcap, chunks, self.reentrant_head
+        )  # (n,)
         out = []
         for sel, full_sel in zip(t.sel.to(tok.dtype), full.sel.to(tok.dtype), strict=True):  # (n,) per mask
             total = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, t.bi, tok * sel)  # (b,)
