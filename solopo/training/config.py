@@ -81,6 +81,12 @@ class TrainConfig(StageConfig):
         default="auto",
         description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
     )
+    sp_size: int = Field(
+        default=1,
+        ge=1,
+        description="sequence parallelism: ranks that split each sequence (DeepSpeed Ulysses/ALST); the "
+        "data-parallel degree is num_processes / sp_size. Must divide the attention heads",
+    )
     offload: Literal["none", "optimizer", "full"] = "none"
     launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
     num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
@@ -135,6 +141,10 @@ class TrainConfig(StageConfig):
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
         if self.shared_prefix and self.attn == "flash_attention_2":
             problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
+        if self.sp_size > 1 and self.deepspeed == "none":
+            problems.append("sp_size > 1 runs through DeepSpeed's Ulysses (ALST): deepspeed=zero2, zero3 or auto")
+        if self.sp_size > 1 and self.attn == "eager":
+            problems.append("sp_size > 1 needs attn=sdpa, flash_attention_2 or auto (ALST cannot use eager's 4-D mask)")
         if self.peft != "none" and self.lora.dropout > 0 and self.disable_dropout:
             problems.append(
                 f"lora.dropout={self.lora.dropout:g} with disable_dropout=true: set train.disable_dropout=false to "

@@ -71,14 +71,14 @@ def examples_digest(examples: list[Example]) -> str:
 
 
 def reference_logps(
-    forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, world: int, note, device
+    forward, module, examples, pad_id, cfg, out_dir: Path, model_path: str, rank: int, world: int, note, device, sp
 ):
     """pi_ref log-probs for every sequence the loss needs, computed once with the initial weights and cached in
     out_dir/ref_logps/<key>.parquet (the key covers the model, the tokenized data and the mode), with its size
     and sha256 in <key>.parquet.json: a cache that does not match its record is recomputed with a note.
 
-    With several ranks each computes an equal share (rank_shard), the shares are all-gathered, and rank 0 alone
-    writes the cache. The cache is used only if every rank sees it, so all ranks take the same branch."""
+    With several ranks each DP group computes an equal share (rank_shard; the ranks of an SP group compute the same
+    share together), the shares are all-gathered, and rank 0 alone writes the cache. The cache is used only if every rank sees it, so all ranks take the same branch."""
     from solopo.pipeline.io import dir_fingerprint
 
     mp = Path(model_path)
@@ -109,8 +109,9 @@ def reference_logps(
         module.eval()
         # ra_ref=short reuses pi_ref(y_w | x_short): no long reference forward needed.
         with_long = examples[0].long_w is not None and cfg.ra_ref == "long"
-        mine = [examples[i] for i in rank_shard(len(examples), rank, world)]
-        desc = "DPO reference log-probs" + (f" (rank 0 of {world}, each 1/{world})" if world > 1 else "")
+        mine = [examples[i] for i in rank_shard(len(examples), sp.dp_rank, sp.dp_size)]
+        n = sp.dp_size
+        desc = "DPO reference log-probs" + (f" (DP group 0 of {n}, each 1/{n})" if n > 1 else "")
         cols = compute_ref_logps(
             forward, mine, pad_id, cfg.micro_batch_size, desc, device, with_long, cfg.shared_prefix
         )

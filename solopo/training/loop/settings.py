@@ -61,7 +61,13 @@ def build_ds_config(cfg, dtype: torch.dtype, world_size: int) -> dict[str, Any]:
         ds["zero_optimization"].update(extra["zero_optimization"])
     ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.grad_accum
-    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * world_size
+    # DeepSpeed's batch is per DP group: the ranks of one SP group share their examples. ZeRO-3's zero.Init (from
+    # HfDeepSpeedConfig, before the mpu exists) reads the SP size from the config.
+    ds["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum * (world_size // cfg.sp_size)
+    if cfg.sp_size > 1:
+        ds["sequence_parallel_size"] = cfg.sp_size
+        if cfg.deepspeed == "zero3":  # the path whose averaging SeqParallel.grad_scale compensates
+            ds["zero_optimization"]["reduce_scatter"] = True
     ds["gradient_clipping"] = cfg.max_grad_norm
     ds["bf16"] = {"enabled": dtype == torch.bfloat16}
     return ds
@@ -87,6 +93,8 @@ def resolve_deepspeed(
         return cfg.deepspeed, ""
     if cfg.offload != "none":
         return "zero3", f"train.offload={cfg.offload} needs ZeRO"
+    if cfg.sp_size > 1 and not torch.cuda.is_available():
+        return "zero2", f"train.sp_size={cfg.sp_size} runs through DeepSpeed (ALST); CPU: ZeRO-2"
     if not torch.cuda.is_available():
         return "none", "CPU: plain torch"
     if world > 1:

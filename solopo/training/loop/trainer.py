@@ -1,7 +1,8 @@
 """The SoLoPO training loop, read top to bottom like a torchtune recipe: setup, loop, finish.
 
-setup:  runtime (distributed env, device, dtype/attention, DeepSpeed choice)
-        -> model (tokenizer, HF model wrapped by CompletionLogps) -> data (tokenized examples)
+setup:  runtime (distributed env, device, dtype/attention, DeepSpeed choice, SP size checked against the heads)
+        -> model (tokenizer, HF model wrapped by CompletionLogps) -> parallel topology (DP x SP; ALST attention)
+        -> data (tokenized examples)
         -> optimizer (AdamW/DeepSpeedCPUAdam, scheduler, plain torch or DeepSpeed backend)
         -> DPO reference log-probs (once, cached) -> resume
 loop:   for each optimizer step, for each micro-batch:
@@ -41,6 +42,7 @@ from solopo.training.data import Example, build_examples, context_note, length_g
 from solopo.training.logprobs import CompletionLogps, use_segment_attention
 from solopo.training.losses import OBJECTIVES, LossParams
 from solopo.training.model_card import hf_trainer_files
+from solopo.training.seq_parallel import SeqParallel, check_sp, setup_sequence_parallel
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
@@ -109,7 +111,8 @@ class Notes:
 
 @dataclass
 class Runtime:
-    """Who this process is and how it computes: data parallel over `world` ranks."""
+    """Who this process is and how it computes: world = DP degree x SP size; `sp` says which examples (DP rank)
+    and which slice of each sequence (SP rank) this rank computes."""
 
     rank: int
     local_rank: int
@@ -118,6 +121,7 @@ class Runtime:
     use_ds: bool
     dtype: torch.dtype
     attn: str
+    sp: SeqParallel = field(default_factory=SeqParallel)
 
 
 @dataclass
@@ -141,8 +145,8 @@ class Data:
 
 @dataclass
 class Schedule:
-    global_batch: int  # examples per optimizer step over all ranks
-    per_step: int  # examples per optimizer step on this rank
+    global_batch: int  # examples per optimizer step over all DP groups
+    per_step: int  # examples per optimizer step in this rank's DP group
     steps_per_epoch: int
     total_steps: int
 
@@ -190,6 +194,7 @@ def _train(
     torch.manual_seed(seed)
     _log_header(cfg, params, rt)
     model = setup_model(cfg, model_path, rt, note, trust_remote_code)
+    setup_parallel(cfg, model, rt, note)  # rt.sp: DP x SP groups, ALST attention under SP
     context = model_context_limit(model_path, trust_remote_code)
     data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note, context)
     sched = plan_steps(cfg, len(data.examples), rt)
@@ -200,7 +205,7 @@ def _train(
         with lora.reference_context(model.peft_model):  # LoRA: the adapter disabled, i.e. the base model
             ref = reference_logps(
                 backend.forward, model.module, data.examples, model.pad_id, cfg, Path(out_dir), model_path,
-                rt.rank, rt.world, note, rt.device,
+                rt.rank, rt.world, note, rt.device, rt.sp,
             )  # fmt: skip
     state = resume(cfg, backend, paths, rt, note)
 
@@ -224,6 +229,7 @@ def setup_runtime(cfg, model_path: str, note: Notes, trust_remote_code: bool = F
     use_ds = cfg.deepspeed != "none"
     rank, local_rank, world = init_distributed(use_ds)
     note.rank = rank
+    check_sp(cfg, model_path, world)  # before any weights load: heads and ranks divisible by train.sp_size
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -233,19 +239,21 @@ def setup_runtime(cfg, model_path: str, note: Notes, trust_remote_code: bool = F
         note("shared_prefix packs chosen and rejected with a custom attention mask: using sdpa, not flash-attn")
     if cfg.attn == "auto" and torch.cuda.is_available() and attn == "sdpa" and not cfg.shared_prefix:
         note("flash-attn is not installed: using sdpa attention (pip install flash-attn for the varlen kernels)")
-    return cfg, Runtime(rank, local_rank, world, device, use_ds, pick_dtype(cfg.dtype), attn)
+    sp = SeqParallel(dp_rank=rank, dp_size=world)  # data parallel over all ranks until setup_parallel
+    return cfg, Runtime(rank, local_rank, world, device, use_ds, pick_dtype(cfg.dtype), attn, sp)
 
 
 def _log_header(cfg, params: LossParams, rt: Runtime) -> None:
     if rt.rank == 0:
         log.info(
-            "[train] %s-%s alpha=%g beta=%g on %s x%d, dtype %s, attention %s, deepspeed %s%s",
+            "[train] %s-%s alpha=%g beta=%g on %s x%d%s, dtype %s, attention %s, deepspeed %s%s",
             cfg.algo,
             cfg.mode,
             params.alpha,
             params.beta,
             rt.device.type,
             rt.world,
+            f" (sequence parallel {cfg.sp_size} x data parallel {rt.world // cfg.sp_size})" if cfg.sp_size > 1 else "",
             rt.dtype,
             rt.attn,
             cfg.deepspeed,
@@ -298,6 +306,19 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes, trust_remote_cod
     return Model(tokenizer, pad_id, lm, module, ds_config, keep_alive, peft_model, model_path)
 
 
+def setup_parallel(cfg, model: Model, rt: Runtime, note: Notes) -> None:
+    """The parallel topology: data parallel over all ranks, or (train.sp_size > 1) world / sp_size DP groups of
+    sp_size ranks that split each sequence (DeepSpeed ALST). After the model: ALST wraps its final attention."""
+    zero_stage = 3 if cfg.deepspeed == "zero3" else 2
+    rt.sp = setup_sequence_parallel(model.lm, cfg.sp_size, rt.rank, rt.world, zero_stage)
+    model.module.sp = rt.sp
+    if rt.sp.on:
+        note(
+            f"train.sp_size={rt.sp.size}: {rt.sp.dp_size} data-parallel group(s) of {rt.sp.size} ranks, each rank "
+            f"decoding 1/{rt.sp.size} of every row (DeepSpeed ALST over {rt.attn} attention)"
+        )
+
+
 def setup_data(
     cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes,
     context: int | None = None,
@@ -328,7 +349,7 @@ def setup_data(
 
 def plan_steps(cfg, n_examples: int, rt: Runtime) -> Schedule:
     per_step = cfg.micro_batch_size * cfg.grad_accum
-    global_batch = per_step * rt.world
+    global_batch = per_step * rt.sp.dp_size
     steps_per_epoch = max(1, math.ceil(n_examples / global_batch))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return Schedule(global_batch, per_step, steps_per_epoch, total_steps)
@@ -350,7 +371,7 @@ def setup_backend(cfg, model: Model, sched: Schedule, rt: Runtime) -> PlainBacke
     except ImportError as e:
         raise MissingDependencyError("deepspeed", "pip install deepspeed", f"train.deepspeed={cfg.deepspeed}") from e
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=model.ds_config
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=model.ds_config, mpu=rt.sp.mpu
     )
     rt.device = engine.device if hasattr(engine, "device") else rt.device
     return DeepSpeedBackend(engine, cfg)
@@ -399,9 +420,10 @@ def train_loop(
         with logging_redirect_tqdm():  # root handlers (the CLI logs there)
             while state.step < sched.total_steps:
                 epoch, in_epoch = divmod(state.step, sched.steps_per_epoch)
-                # Global batches of this epoch; this rank takes its slice of each.
+                # Global batches of this epoch; this rank's DP group takes its slice of each.
                 batches = length_grouped_batches(lengths, sched.global_batch, seed, epoch)
-                step_idx = batches[in_epoch][rt.rank * sched.per_step : (rt.rank + 1) * sched.per_step]
+                dp = rt.sp.dp_rank
+                step_idx = batches[in_epoch][dp * sched.per_step : (dp + 1) * sched.per_step]
                 t0 = time.time()
                 agg = train_step(
                     backend, objective, params, [data.examples[i] for i in step_idx], cfg, model.pad_id,
@@ -412,7 +434,7 @@ def train_loop(
                 grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), agg.losses, rt.device)
                 if nonfinite:
                     raise nonfinite_error(nonfinite, state.step, agg.ids, agg.losses, cfg, rt.rank)
-                row = agg.finish(time.time() - t0, rt.device, rt.world)
+                row = agg.finish(time.time() - t0, rt.device, rt.sp.size)
                 row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
                 state.history.append(row)
                 if rt.rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == sched.total_steps):
@@ -502,6 +524,7 @@ def result(
         "tokens_per_s": last.get("tokens_per_s"),
         "peak_mem_gb": max((r["peak_mem_gb"] for r in state.history), default=None),
         "world_size": rt.world,
+        "sp_size": rt.sp.size,
         "attn": rt.attn,
         "dtype": dtype,
         "save_dtype": "float32" if cfg.save_dtype == "fp32" else dtype,
