@@ -612,13 +612,16 @@ def model_prepare(force: Annotated[bool, typer.Option(help="Convert again even i
 def model_tiny(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
     layers: Annotated[int, typer.Option(help="Number of layers.")] = 2,
-    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
+    hidden: Annotated[int, typer.Option(help="Hidden size (a multiple of 64: heads of 32).")] = 64,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT even if it is a non-empty directory solopo did not write.")
+    ] = False,
 ) -> None:
     """Build a tiny random model with SmolLM2's real tokenizer (for tests and dry runs)."""
     _setup_logging("info")
     from solopo.models import build_tiny_model
 
-    typer.echo(str(build_tiny_model(out, num_layers=layers, hidden_size=hidden)))
+    typer.echo(str(build_tiny_model(out, num_layers=layers, hidden_size=hidden, overwrite=overwrite)))
 
 
 def main() -> None:

@@ -198,8 +198,18 @@ def test_adapter_only_run_and_eval_merge(lora_run, tiny_model_dir, tmp_path):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
     mtime = (Path(path) / "model.safetensors").stat().st_mtime_ns
-    assert lora.merged_for_eval(d, tmp_path / "merged", notes.append)[0] == path  # cached: not merged again
+    # the eval stage's hook: generates with the merged copy (cached: not merged again), records it per model
+    from types import SimpleNamespace
+
+    from solopo.stages.evaluate import EvalModel, EvalStage
+
+    stage = SimpleNamespace(ctx=SimpleNamespace(out_dir=tmp_path, note=notes.append), _adapters={})
+    model, info = EvalModel("solo", str(d), "trained"), {}
+    assert EvalStage._generation_path(stage, model, info) == path
+    assert info["adapter"]["merged_to"] == path and stage._adapters == {"solo": info["adapter"]}
     assert (Path(path) / "model.safetensors").stat().st_mtime_ns == mtime
+    plain = EvalModel("full", str(lora_run["model_path"]), "trained")
+    assert EvalStage._generation_path(stage, plain, {}) == plain.path  # a merged dir is used as it is
 
 
 @pytest.mark.parametrize("algo,mode", [("orpo", "solo"), ("simpo", "long-shared"), ("dpo", "expand-long")])
@@ -244,6 +254,9 @@ def test_resume_from_a_checkpoint_with_lora(tmp_path, tiny_model_dir):
             run(tmp_path / "part", tiny_model_dir, **kw)
     finally:
         T._Agg.finish = real
+    # the checkpoint holds the adapter (and the optimizer), not the frozen base
+    ckpt = torch.load(tmp_path / "part/models/orpo-solo.checkpoints/step-2/state.pt", weights_only=True)
+    assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])
     resumed = run(tmp_path / "part", tiny_model_dir, **kw)
     assert any("resumed from checkpoint" in n for n in resumed["notes"]) and resumed["steps"] == 4
     a = load_file(Path(full["model_path"]) / lora.ADAPTER_WEIGHTS)

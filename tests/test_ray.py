@@ -83,6 +83,10 @@ def test_ray_equals_local_for_any_layout(tmp_path, tiny_model_dir, local_ray):
     assert m2["stats"]["engine"] == "ray" and m2["stats"]["questions"] == 7 and m2["stats"]["prompts"] == 7
     assert m2["stats"]["generated_tokens"] == sum(sum(r["sample_tokens"]) for r in local.to_pylist())
     assert m1["shards"]["count"] == 1 and m1["stats"]["engine"] == "ray"
+    # the dtype the replicas ran in (issue 22.3), not "auto"
+    from solopo.hardware import cpu_has_native_bf16
+
+    assert m2["stats"]["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")
 
 
 def _batch_seeding_is_per_prompt(model_dir) -> bool:

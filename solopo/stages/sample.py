@@ -130,8 +130,12 @@ class TokenBar:
 
     def __init__(self, total: int, desc: str, initial: int = 0):
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="prompt", dynamic_ncols=True)
+        # While the bar is open, log lines (the runner's "shard 2/2") print above it instead of onto its line.
+        self._logs = logging_redirect_tqdm()
+        self._logs.__enter__()
         self.t0, self.tokens = time.time(), 0
 
     def __call__(self, done: int, tokens: int) -> None:
@@ -141,6 +145,7 @@ class TokenBar:
 
     def close(self) -> None:
         self.bar.close()
+        self._logs.__exit__(None, None, None)
 
 
 def question_seed(run_seed: int, qid: str) -> int:
@@ -179,7 +184,7 @@ class SampleStage(Stage):
         from solopo.backends import resolve_backend_name
         from solopo.models import resolve_model
 
-        path = resolve_model(self.ctx.run.model)
+        path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         model = dir_fingerprint(path) if not _is_hub_id(path) else {"hub_id": path}
         # 'auto' resolves by what is installed: a machine with vLLM must not reuse transformers' samples.
         return {"model": model, "backend": resolve_backend_name(self.config.backend)}
@@ -205,7 +210,7 @@ class SampleStage(Stage):
         self.backend = open_backend(
             c,
             c.backend,
-            resolve_model(self.ctx.run.model),
+            resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code),
             ctx_note=self.ctx.note,
             trust_remote_code=self.ctx.run.trust_remote_code,
             log_file=log_file,
@@ -279,32 +284,30 @@ class SampleStage(Stage):
         per_call = getattr(self.backend, "batch_size", 256)
         chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
         gens: dict[tuple[str, int | None], list] = {}
-        try:
-            for start in range(0, len(jobs), chunk):
-                part = jobs[start : start + chunk]
-                outs = self.backend.generate(
-                    [p for _, _, p in part],
-                    n=c.n,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    max_tokens=c.max_tokens,
-                    seed=[job_seed(seed, qid, tl) for qid, tl, _ in part],
-                    progress=progress,
-                )
-                for (qid, tl, _), g in zip(part, outs, strict=True):
-                    gens[(qid, tl)] = g
-        except BaseException:
-            progress.close()
-            raise
+        for start in range(0, len(jobs), chunk):
+            part = jobs[start : start + chunk]
+            outs = self.backend.generate(
+                [p for _, _, p in part],
+                n=c.n,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                max_tokens=c.max_tokens,
+                seed=[job_seed(seed, qid, tl) for qid, tl, _ in part],
+                progress=progress,
+            )
+            for (qid, tl, _), g in zip(part, outs, strict=True):
+                gens[(qid, tl)] = g
         return self._assemble(questions, longs, jobs, prompt_len, gens, progress.tokens - tokens0, time.time() - t0)
 
-    def _stage_bar(self, shard_jobs: int) -> TokenBar:
-        """The stage's one bar, made at its first shard: its total counts every prompt of the input (short prompts
-        once per question, long ones with on=both), less shards finished before a resume."""
+    def _stage_bar(self, shard_jobs: int, desc: str | None = None) -> TokenBar:
+        """The stage's one bar, made at its first shard and closed by teardown: its total counts every prompt of
+        the input (short prompts once per question, long ones with on=both), less shards finished before a
+        resume."""
         bar = getattr(self, "_bar", None)
         if bar is None:
             total, done = self._stage_prompts()
-            bar = self._bar = TokenBar(max(total, done + shard_jobs), f"sample[{self.backend.name}]", initial=done)
+            desc = desc or f"sample[{self.backend.name}]"
+            bar = self._bar = TokenBar(max(total, done + shard_jobs), desc, initial=done)
         return bar
 
     def streams_shards(self) -> bool:
@@ -344,19 +347,15 @@ class SampleStage(Stage):
 
         for i in [i for i, k in left.items() if k == 0]:
             yield i, finish(i)  # every prompt of the shard was dropped
-        desc = f"sample[ray {c.replicas}x {self.backend.name}]"
-        progress = TokenBar(len(jobs), desc)
-        try:
-            gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
-            for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
-                i, qid, tl = owner[key]
-                got[i][(qid, tl)] = g
-                shard_tokens[i] += sum(x.num_tokens for x in g)
-                left[i] -= 1
-                if left[i] == 0:
-                    yield i, finish(i)
-        finally:
-            progress.close()
+        progress = self._stage_bar(len(jobs), f"sample[ray {c.replicas}x {self.backend.name}]")
+        gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
+        for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
+            i, qid, tl = owner[key]
+            got[i][(qid, tl)] = g
+            shard_tokens[i] += sum(x.num_tokens for x in g)
+            left[i] -= 1
+            if left[i] == 0:
+                yield i, finish(i)
         if got:
             raise SolopoError(f"engine ray: shards {sorted(got)} did not get all their prompts back (a bug)")
 
@@ -505,6 +504,8 @@ class SampleStage(Stage):
                 "first (group synth rows by id to avoid the extra work)"
             )
             table = table.take(keep)
+        if getattr(self, "backend", None) is not None and hasattr(self.backend, "effective_dtype"):
+            self.ctx.stat("dtype", self.backend.effective_dtype)  # engine=ray: known once replicas have answered
         stats = self.ctx.stats
         total = stats.get("short_samples", 0) + sum(
             len(x["samples"]) for r in table.column("long_samples").to_pylist() for x in r

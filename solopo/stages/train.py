@@ -58,6 +58,8 @@ class TrainStage(Stage):
         """The newest readable checkpoint a killed run left (models/<algo>-<mode>.checkpoints/step-N)."""
         best: tuple[int, Path] | None = None
         for meta in out_dir.glob("models/*.checkpoints/step-*/solopo.json"):
+            if not meta.parent.name.removeprefix("step-").isdigit():
+                continue  # step-3.tmp (an interrupted save), step-3.bak: not a checkpoint
             try:
                 step = json.loads(meta.read_text()).get("step")
             except (OSError, UnicodeDecodeError, ValueError, AttributeError):
@@ -95,18 +97,22 @@ class TrainStage(Stage):
                 f"train: the exported triplets are empty (0 pairs); select's drops by reason: {drops} (see {sel}). "
                 "Sample more (sample.n), use a stronger model, or check the answers, then rerun `solopo pair`"
             )
-        model_path = resolve_model(self.ctx.run.model)
+        model_path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
         plan = launch_plan(cfg)
+        kw = dict(
+            model_path=model_path,
+            table=data,
+            out_dir=self.ctx.out_dir,
+            seed=seed,
+            source=source,
+            trust_remote_code=self.ctx.run.trust_remote_code,
+        )
         if plan.in_process:
-            result = train(
-                cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source, ctx=self.ctx
-            )
+            result = train(cfg, ctx=self.ctx, **kw)
         else:
-            result = run_launched(
-                plan, cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source
-            )
+            result = run_launched(plan, cfg, **kw)
             for n in result.get("notes", []):
                 self.ctx.note(n)
             for reason, ids in result.get("drops", {}).items():
