@@ -138,8 +138,9 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
     finally:
         T._Agg.finish = real
     assert (part / "models" / "orpo-solo.checkpoints" / "step-2").exists()
+    # the killed run's logs lived in its staging dir, removed with it: no model dir, no temp dir
+    assert sorted(p.name for p in (part / "models").iterdir()) == ["orpo-solo.checkpoints"]
     logs = part / "models" / "orpo-solo" / "logs.jsonl"
-    assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3]
     resumed = run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     assert any("resumed from checkpoint" in n for n in resumed["notes"]) and resumed["steps"] == 4
     assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3, 4]
@@ -207,6 +208,8 @@ def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     assert res.exit_code == 0, res.output
     out = pa.parquet.read_table(run_dir / "train" / "data.parquet").to_pylist()[0]
     assert out["algo"] == "orpo" and out["mode"] == "solo" and out["alpha"] == 1.0 and out["steps"] == 2
+    assert out["model_path"] == "train/models/orpo-solo"  # relative to the run dir
+    out["model_path"] = str(run_dir / out["model_path"])
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, TrainerState
 

@@ -1,7 +1,8 @@
 """The SoLoPO training loop, read top to bottom like a torchtune recipe: setup, loop, finish.
 
-setup:  runtime (distributed env, device, dtype/attention, DeepSpeed choice)
-        -> model (tokenizer, HF model wrapped by CompletionLogps) -> data (tokenized examples)
+setup:  runtime (distributed env, device, dtype/attention, DeepSpeed choice, SP size checked against the heads)
+        -> model (tokenizer, HF model wrapped by CompletionLogps) -> parallel topology (DP x SP; ALST attention)
+        -> data (tokenized examples)
         -> optimizer (AdamW/DeepSpeedCPUAdam, scheduler, plain torch or DeepSpeed backend)
         -> DPO reference log-probs (once, cached) -> resume
 loop:   for each optimizer step, for each micro-batch:
@@ -33,17 +34,32 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from solopo.models import model_context_limit
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
-from solopo.pipeline.io import read_parquet, stable_hash, write_json, write_parquet, write_text
+from solopo.pipeline.io import read_parquet, write_parquet, write_text
 from solopo.training import peft as lora
-from solopo.training.data import Example, build_examples, length_grouped_batches, select_target_len
+from solopo.training.data import Example, build_examples, context_note, length_grouped_batches, select_target_len
 from solopo.training.logprobs import CompletionLogps, use_segment_attention
 from solopo.training.losses import OBJECTIVES, LossParams
 from solopo.training.model_card import hf_trainer_files
+from solopo.training.seq_parallel import SeqParallel, check_sp, setup_sequence_parallel
 
 from .backends import DeepSpeedBackend, PlainBackend, make_scheduler
 from .distributed import barrier, init_distributed
-from .outputs import latest_checkpoint, log_row, make_writer, plot_curves, save_adapter_model, save_model
+from .outputs import (
+    CheckpointClock,
+    discard_staging,
+    load_latest_checkpoint,
+    log_row,
+    make_writer,
+    model_dirs,
+    open_staging,
+    plot_curves,
+    resume_key,
+    save_adapter_model,
+    save_model,
+    write_checkpoint,
+)
 from .reference import examples_digest, reference_logps
 from .settings import (
     TrainingError,
@@ -95,7 +111,8 @@ class Notes:
 
 @dataclass
 class Runtime:
-    """Who this process is and how it computes: data parallel over `world` ranks."""
+    """Who this process is and how it computes: world = DP degree x SP size; `sp` says which examples (DP rank)
+    and which slice of each sequence (SP rank) this rank computes."""
 
     rank: int
     local_rank: int
@@ -104,6 +121,7 @@ class Runtime:
     use_ds: bool
     dtype: torch.dtype
     attn: str
+    sp: SeqParallel = field(default_factory=SeqParallel)
 
 
 @dataclass
@@ -127,8 +145,8 @@ class Data:
 
 @dataclass
 class Schedule:
-    global_batch: int  # examples per optimizer step over all ranks
-    per_step: int  # examples per optimizer step on this rank
+    global_batch: int  # examples per optimizer step over all DP groups
+    per_step: int  # examples per optimizer step in this rank's DP group
     steps_per_epoch: int
     total_steps: int
 
@@ -137,7 +155,8 @@ class Schedule:
 class Paths:
     model_dir: Path
     ckpt_dir: Path
-    run_key: str  # checkpoints resume only into the same config, model, seed, world and data
+    run_key: str  # checkpoints resume only into the same math: config (less _NOT_MATH), model, seed, world, data
+    staging: Path  # logs, then the model, until the model is saved (outputs.model_dirs)
 
 
 @dataclass
@@ -147,7 +166,16 @@ class RunState:
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
-def train(
+def train(cfg, model_path: str, out_dir: str | Path = "runs/train", **kw: Any) -> dict[str, Any]:
+    """Train one model; returns the result (model path, steps, final metrics). Runs on every rank. However it
+    ends, the run's staging dir (logs, then the model) is gone: renamed into place, or removed on failure."""
+    try:
+        return _train(cfg, model_path, out_dir=out_dir, **kw)
+    finally:
+        discard_staging(out_dir, cfg)
+
+
+def _train(
     cfg,
     model_path: str,
     table: pa.Table | None = None,
@@ -156,17 +184,19 @@ def train(
     seed: int = 0,
     source: str = "export/data.parquet",
     ctx=None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train one model; returns the result (model path, steps, final metrics). Runs on every rank."""
     t_start = time.time()
     note = Notes(ctx)
-    cfg, rt = setup_runtime(cfg, model_path, note)
+    cfg, rt = setup_runtime(cfg, model_path, note, trust_remote_code)
     params = resolve_params(cfg)
     random.seed(seed)
     torch.manual_seed(seed)
     _log_header(cfg, params, rt)
-    model = setup_model(cfg, model_path, rt, note)
-    data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note)
+    model = setup_model(cfg, model_path, rt, note, trust_remote_code)
+    setup_parallel(cfg, model, rt, note)  # rt.sp: DP x SP groups, ALST attention under SP
+    context = model_context_limit(model_path, trust_remote_code)
+    data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note, context)
     sched = plan_steps(cfg, len(data.examples), rt)
     backend = setup_backend(cfg, model, sched, rt)  # rt.device: the engine's under DeepSpeed
     paths = run_paths(cfg, out_dir, model_path, seed, data, rt)
@@ -175,7 +205,7 @@ def train(
         with lora.reference_context(model.peft_model):  # LoRA: the adapter disabled, i.e. the base model
             ref = reference_logps(
                 backend.forward, model.module, data.examples, model.pad_id, cfg, Path(out_dir), model_path,
-                rt.rank, rt.world, note, rt.device,
+                rt.rank, rt.world, note, rt.device, rt.sp,
             )  # fmt: skip
     state = resume(cfg, backend, paths, rt, note)
 
@@ -189,15 +219,17 @@ def train(
 
 
 # --- setup --------------------------------------------------------------------------------------------------
-def setup_runtime(cfg, model_path: str, note: Notes):
+def setup_runtime(cfg, model_path: str, note: Notes, trust_remote_code: bool = False):
     """(cfg with train.deepspeed=auto resolved, Runtime): the process group is up when this returns."""
-    ds_choice, ds_why = resolve_deepspeed(cfg, model_path, int(os.environ.get("WORLD_SIZE", 1)), pick_dtype(cfg.dtype))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    ds_choice, ds_why = resolve_deepspeed(cfg, model_path, world, pick_dtype(cfg.dtype), trust_remote_code)
     if cfg.deepspeed == "auto":
         cfg = cfg.model_copy(update={"deepspeed": ds_choice})
         note.record(f"train.deepspeed=auto -> {ds_choice} ({ds_why})")  # a choice (the rank is not known yet)
     use_ds = cfg.deepspeed != "none"
     rank, local_rank, world = init_distributed(use_ds)
     note.rank = rank
+    check_sp(cfg, model_path, world)  # before any weights load: heads and ranks divisible by train.sp_size
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -207,19 +239,21 @@ def setup_runtime(cfg, model_path: str, note: Notes):
         note("shared_prefix packs chosen and rejected with a custom attention mask: using sdpa, not flash-attn")
     if cfg.attn == "auto" and torch.cuda.is_available() and attn == "sdpa" and not cfg.shared_prefix:
         note("flash-attn is not installed: using sdpa attention (pip install flash-attn for the varlen kernels)")
-    return cfg, Runtime(rank, local_rank, world, device, use_ds, pick_dtype(cfg.dtype), attn)
+    sp = SeqParallel(dp_rank=rank, dp_size=world)  # data parallel over all ranks until setup_parallel
+    return cfg, Runtime(rank, local_rank, world, device, use_ds, pick_dtype(cfg.dtype), attn, sp)
 
 
 def _log_header(cfg, params: LossParams, rt: Runtime) -> None:
     if rt.rank == 0:
         log.info(
-            "[train] %s-%s alpha=%g beta=%g on %s x%d, dtype %s, attention %s, deepspeed %s%s",
+            "[train] %s-%s alpha=%g beta=%g on %s x%d%s, dtype %s, attention %s, deepspeed %s%s",
             cfg.algo,
             cfg.mode,
             params.alpha,
             params.beta,
             rt.device.type,
             rt.world,
+            f" (sequence parallel {cfg.sp_size} x data parallel {rt.world // cfg.sp_size})" if cfg.sp_size > 1 else "",
             rt.dtype,
             rt.attn,
             cfg.deepspeed,
@@ -227,7 +261,7 @@ def _log_header(cfg, params: LossParams, rt: Runtime) -> None:
         )
 
 
-def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
+def setup_model(cfg, model_path: str, rt: Runtime, note: Notes, trust_remote_code: bool = False) -> Model:
     """Tokenizer and policy. The DeepSpeed config exists first: ZeRO-3 loads the weights partitioned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,10 +271,14 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lm = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=rt.dtype, attn_implementation=rt.attn, **lora.load_kwargs(cfg, rt.dtype)
+        model_path,
+        dtype=rt.dtype,
+        attn_implementation=rt.attn,
+        trust_remote_code=trust_remote_code,
+        **lora.load_kwargs(cfg, rt.dtype),
     )
     lm.config.use_cache = False
     if cfg.disable_dropout:
@@ -268,8 +306,25 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes) -> Model:
     return Model(tokenizer, pad_id, lm, module, ds_config, keep_alive, peft_model, model_path)
 
 
-def setup_data(cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes) -> Data:
-    """The triplets at the chosen target length, tokenized; drops are recorded (manifest) and logged."""
+def setup_parallel(cfg, model: Model, rt: Runtime, note: Notes) -> None:
+    """The parallel topology: data parallel over all ranks, or (train.sp_size > 1) world / sp_size DP groups of
+    sp_size ranks that split each sequence (DeepSpeed ALST). After the model: ALST wraps its final attention."""
+    zero_stage = 3 if cfg.deepspeed == "zero3" else 2
+    rt.sp = setup_sequence_parallel(model.lm, cfg.sp_size, rt.rank, rt.world, zero_stage)
+    model.module.sp = rt.sp
+    if rt.sp.on:
+        note(
+            f"train.sp_size={rt.sp.size}: {rt.sp.dp_size} data-parallel group(s) of {rt.sp.size} ranks, each rank "
+            f"decoding 1/{rt.sp.size} of every row (DeepSpeed ALST over {rt.attn} attention)"
+        )
+
+
+def setup_data(
+    cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes,
+    context: int | None = None,
+) -> Data:  # fmt: skip
+    """The triplets at the chosen target length, tokenized; drops are recorded (manifest) and logged. Sequences
+    longer than the model's `context` are dropped too (over_model_context), with a note."""
     if table is None:
         if data_path is None:
             raise SolopoError("train() needs a table or a data_path")
@@ -277,7 +332,9 @@ def setup_data(cfg, params: LossParams, table, data_path, source: str, tokenizer
     table, target_len = select_target_len(table, cfg.target_len, source)
     # The (x_long, y_w) forward only exists for SoLo-RA; solo with alpha=0 is the short-only baseline.
     with_long = cfg.mode == "solo" and params.alpha > 0
-    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length)
+    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length, context)
+    if drops.get("over_model_context"):
+        note(context_note(len(drops["over_model_context"]), context))
     for reason, ids in drops.items():
         note.drops[reason] = ids
         if note.ctx is not None:
@@ -292,7 +349,7 @@ def setup_data(cfg, params: LossParams, table, data_path, source: str, tokenizer
 
 def plan_steps(cfg, n_examples: int, rt: Runtime) -> Schedule:
     per_step = cfg.micro_batch_size * cfg.grad_accum
-    global_batch = per_step * rt.world
+    global_batch = per_step * rt.sp.dp_size
     steps_per_epoch = max(1, math.ceil(n_examples / global_batch))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return Schedule(global_batch, per_step, steps_per_epoch, total_steps)
@@ -314,44 +371,30 @@ def setup_backend(cfg, model: Model, sched: Schedule, rt: Runtime) -> PlainBacke
     except ImportError as e:
         raise MissingDependencyError("deepspeed", "pip install deepspeed", f"train.deepspeed={cfg.deepspeed}") from e
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=model.ds_config
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=model.ds_config, mpu=rt.sp.mpu
     )
     rt.device = engine.device if hasattr(engine, "device") else rt.device
     return DeepSpeedBackend(engine, cfg)
 
 
 def run_paths(cfg, out_dir, model_path: str, seed: int, data: Data, rt: Runtime) -> Paths:
-    model_dir = Path(out_dir) / "models" / f"{cfg.algo}-{cfg.mode}"
-    run_key = stable_hash(
-        {
-            "cfg": cfg.model_dump(mode="json"),
-            "model": model_path,
-            "seed": seed,
-            "world": rt.world,
-            "data": examples_digest(data.examples),
-        }
-    )
-    return Paths(model_dir, model_dir.with_name(model_dir.name + ".checkpoints"), run_key)
+    model_dir, ckpt_dir, staging = model_dirs(out_dir, cfg)
+    run_key = resume_key(cfg, model=model_path, seed=seed, world=rt.world, data=examples_digest(data.examples))
+    return Paths(model_dir, ckpt_dir, run_key, staging)
 
 
 def resume(cfg, backend: PlainBackend, paths: Paths, rt: Runtime, note: Notes) -> RunState:
-    """The latest checkpoint of this very run (run_key), else step 0; starts (or continues) logs.jsonl."""
+    """The newest loadable checkpoint of this very run (run_key), else step 0; starts (or continues) logs.jsonl
+    in the staging dir."""
     state = RunState()
-    if cfg.resume and cfg.save_steps > 0:
-        latest = latest_checkpoint(paths.ckpt_dir, paths.run_key)
-        if latest is not None:
-            client = backend.load_checkpoint(latest)
-            state.step = int(client.get("step", 0))
-            state.history = list(client.get("history", []))
-            note(f"resumed from checkpoint {latest} at step {state.step}")
-        elif paths.ckpt_dir.exists() and any(paths.ckpt_dir.glob("step-*")):
-            note(f"checkpoints in {paths.ckpt_dir} belong to another config/data; starting from step 0")
-            if rt.rank == 0:
-                shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
+    if cfg.resume:
+        state.step, state.history = load_latest_checkpoint(backend, paths.ckpt_dir, paths.run_key, rt.rank, note)
     if rt.rank == 0:
         # A fresh run starts a fresh log; a resumed one continues the checkpoint's (rows after it are redone).
+        open_staging(paths.model_dir, paths.staging)
         logged = [r for r in state.history if r["step"] % cfg.logging_steps == 0]
-        write_text("".join(json.dumps(r) + "\n" for r in logged), paths.model_dir / "logs.jsonl")
+        write_text("".join(json.dumps(r) + "\n" for r in logged), paths.staging / "logs.jsonl")
+        log.info("[train] per-step log: %s (becomes %s once the model is saved)", paths.staging, paths.model_dir)
     return state
 
 
@@ -360,7 +403,7 @@ def train_loop(
     cfg, params: LossParams, backend: PlainBackend, model: Model, data: Data, sched: Schedule, paths: Paths,
     ref: dict | None, state: RunState, seed: int, rt: Runtime,
 ) -> None:  # fmt: skip
-    """Optimizer steps until total_steps; state.step/history advance in place (a checkpoint every save_steps)."""
+    """Optimizer steps until total_steps; state.step/history advance in place (checkpoints: CheckpointClock)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -370,15 +413,17 @@ def train_loop(
     model.module.train()
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
+    clock = CheckpointClock(cfg, rt.world, rt.device)
     bar = tqdm(total=sched.total_steps, initial=state.step, desc=f"train {cfg.algo}-{cfg.mode}", disable=rt.rank != 0)
     try:
         # Log lines go through the bar (tqdm.write) instead of running into it on the console.
         with logging_redirect_tqdm():  # root handlers (the CLI logs there)
             while state.step < sched.total_steps:
                 epoch, in_epoch = divmod(state.step, sched.steps_per_epoch)
-                # Global batches of this epoch; this rank takes its slice of each.
+                # Global batches of this epoch; this rank's DP group takes its slice of each.
                 batches = length_grouped_batches(lengths, sched.global_batch, seed, epoch)
-                step_idx = batches[in_epoch][rt.rank * sched.per_step : (rt.rank + 1) * sched.per_step]
+                dp = rt.sp.dp_rank
+                step_idx = batches[in_epoch][dp * sched.per_step : (dp + 1) * sched.per_step]
                 t0 = time.time()
                 agg = train_step(
                     backend, objective, params, [data.examples[i] for i in step_idx], cfg, model.pad_id,
@@ -389,17 +434,20 @@ def train_loop(
                 grad_norm, nonfinite = step_health(backend.grad_norm, backend.local_params(), agg.losses, rt.device)
                 if nonfinite:
                     raise nonfinite_error(nonfinite, state.step, agg.ids, agg.losses, cfg, rt.rank)
-                row = agg.finish(time.time() - t0, rt.device, rt.world)
+                row = agg.finish(time.time() - t0, rt.device, rt.sp.size)
                 row.update(step=state.step, epoch=epoch, lr=backend.lr(), grad_norm=grad_norm)
                 state.history.append(row)
                 if rt.rank == 0 and (state.step % cfg.logging_steps == 0 or state.step == sched.total_steps):
-                    log_row(row, paths.model_dir, writer)
+                    log_row(row, paths.staging, writer)
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}", acc=f"{row['reward_acc']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}"
                     )
                 bar.update(1)
-                if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < sched.total_steps:
-                    save_checkpoint(backend, paths, state, rt)
+                if clock.due(state.step, sched.total_steps):
+                    write_checkpoint(
+                        backend, paths.ckpt_dir, state.step, {"history": state.history}, paths.run_key, rt.rank,
+                        cfg.save_total_limit,
+                    )  # fmt: skip
     except torch.OutOfMemoryError as e:
         raise TrainingError(
             f"out of memory at step {state.step + 1} ({e.__class__.__name__}). Options that help: train on a shorter "
@@ -413,20 +461,13 @@ def train_loop(
             writer.close()
 
 
-def save_checkpoint(backend: PlainBackend, paths: Paths, state: RunState, rt: Runtime) -> None:
-    tag = paths.ckpt_dir / f"step-{state.step}"
-    backend.save_checkpoint(tag, {"step": state.step, "history": state.history, "run_key": paths.run_key})
-    if rt.rank == 0:
-        write_json({"run_key": paths.run_key, "step": state.step}, tag / "solopo.json")
-
-
 # --- finish -------------------------------------------------------------------------------------------------
 def save_outputs(
     cfg, backend: PlainBackend, model: Model, data: Data, sched: Schedule, paths: Paths, state: RunState,
     start_step: int, loop_seconds: float, rt: Runtime,
 ) -> None:  # fmt: skip
-    """The final model in HF format (training dtype unless train.save_dtype=fp32), curves and history; the
-    checkpoints go once the model is written."""
+    """The final model in HF format (training dtype unless train.save_dtype=fp32), curves and history, swapped in
+    with this run's logs.jsonl; the checkpoints go once the model is written."""
     pm = model.peft_model
     sd = backend.full_state_dict() if pm is None else lora.adapter_state_dict(pm, cfg, rt.rank)
     check_state_finite(sd if rt.rank == 0 else None, rt.device)
@@ -443,19 +484,20 @@ def save_outputs(
             n_params=sum(getattr(p, "ds_numel", p.numel()) for n, p in model.lm.named_parameters() if "embed" not in n),
             world=rt.world,
         )
-        if pm is None:
-            save_model(model.lm, model.tokenizer, sd, paths.model_dir, save_dtype, hf_files)
-        else:
-            save_adapter_model(
-                pm, model.tokenizer, sd, paths.model_dir, save_dtype, model.base_path, cfg.merge_adapter, hf_files
-            )
-        if cfg.save_steps > 0:
-            shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
-        plot_curves(state.history, paths.model_dir / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
+        plot_curves(state.history, paths.staging / "training_curves.png", f"{cfg.algo}-{cfg.mode}")
         write_parquet(
             pa.Table.from_pylist(state.history) if state.history else pa.table({}),
-            paths.model_dir / "history.parquet",
+            paths.staging / "history.parquet",
         )
+        # logs, curves, history and the weights swapped in at once
+        if pm is None:
+            save_model(model.lm, model.tokenizer, sd, paths.model_dir, save_dtype, hf_files, staging=paths.staging)
+        else:
+            save_adapter_model(
+                pm, model.tokenizer, sd, paths.model_dir, save_dtype, model.base_path, cfg.merge_adapter, hf_files,
+                staging=paths.staging,
+            )  # fmt: skip
+        shutil.rmtree(paths.ckpt_dir, ignore_errors=True)
     barrier()
 
 
@@ -482,6 +524,7 @@ def result(
         "tokens_per_s": last.get("tokens_per_s"),
         "peak_mem_gb": max((r["peak_mem_gb"] for r in state.history), default=None),
         "world_size": rt.world,
+        "sp_size": rt.sp.size,
         "attn": rt.attn,
         "dtype": dtype,
         "save_dtype": "float32" if cfg.save_dtype == "fp32" else dtype,
