@@ -61,6 +61,7 @@ class TrainStage(Stage):
     def run(self, data: pa.Table | None) -> pa.Table:
         from solopo.models import resolve_model
         from solopo.training.launch import launch_plan, run_launched
+        from solopo.training.plan import prelaunch_check
         from solopo.training.loop.trainer import train
 
         cfg: TrainConfig = self.config
@@ -75,6 +76,8 @@ class TrainStage(Stage):
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
         plan = launch_plan(cfg)
+        # before the model loads: refuse what cannot fit; deepspeed=auto on a GPU becomes the plan's choice
+        cfg = prelaunch_check(cfg, model_path, data, plan.num_processes, self.ctx.note, self.ctx.stat)
         if plan.in_process:
             result = train(
                 cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source, ctx=self.ctx

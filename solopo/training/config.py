@@ -74,6 +74,14 @@ class TrainConfig(StageConfig):
         description="zero every dropout in the policy (TRL's default): the DPO reference is computed without dropout",
     )
     seed: int | None = Field(default=None, description="None = run.seed")
+    skip_plan: bool = Field(
+        default=False, description="launch even when the memory plan (solopo plan) says the run cannot fit"
+    )
+    gpu_mem_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="GiB per GPU for the pre-launch memory plan; None = the GPU's own (on a CPU: no check)",
+    )
 
     @field_validator("target_len", "max_length", mode="before")
     @classmethod
