@@ -387,7 +387,7 @@ class Estimate:
     host_gb: float  # CPU memory per node for what is offloaded
     fits: bool
     max_len: int | None  # longest long prompt that fits with the margin (None: the mode has no long sequence)
-    note: str = ""
+    max_len_capped: bool = False  # the search stopped at its limit: at least max_len
 
     def row(self) -> dict[str, Any]:
         d = asdict(self)
@@ -621,7 +621,7 @@ def make_plan(
     out = []
     for c in cands:
         parts = estimate(facts, c, machine, trace_step(facts, shape, dtype, c.sp), lora_r, two)
-        max_len = None
+        max_len, limit = None, 0
         if shape.has_long and search:
 
             def fb_of(L: int, c: Combo = c) -> float:
@@ -629,7 +629,8 @@ def make_plan(
                 return estimate(facts, c, machine, tr, lora_r, two).fb
 
             start = max(1024, shape.long_len // 1024 * 1024)
-            max_len = _max_len(fb_of, parts.step, budget, start, limit=max(SEARCH_SPAN * start, 131072))
+            limit = max(SEARCH_SPAN * start, 131072)
+            max_len = _max_len(fb_of, parts.step, budget, start, limit)
         at_fb = parts.fb >= parts.step
         out.append(
             Estimate(
@@ -643,6 +644,7 @@ def make_plan(
                 host_gb=parts.host / GIB,
                 fits=parts.total <= budget,
                 max_len=max_len,
+                max_len_capped=max_len == limit,
             )
         )
     choice = next((e for e in out if e.fits), None)
@@ -692,7 +694,7 @@ def format_table(plan: Plan) -> str:
     ]
     for e in plan.estimates:
         mark = "*" if e is plan.choice else " "
-        ml = "-" if e.max_len is None else f"{e.max_len:,}"
+        ml = "-" if e.max_len is None else (">=" if e.max_len_capped else "") + f"{e.max_len:,}"
         lines.append(
             f"{mark}{e.combo.label:<23} {e.weights:>8.1f} {e.gradients:>8.1f} {e.optimizer:>8.1f} "
             f"{e.activations:>8.1f} {e.logits:>7.2f} {e.total:>8.1f}  {'yes' if e.fits else 'no':<4} {ml:>9} "
