@@ -51,6 +51,12 @@ TargetLenOpt = Annotated[
     str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
+RerunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--rerun", help="Accept redoing a finished sample/train/eval whose settings or inputs changed (else exit 2)."
+    ),
+]
 _LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -83,10 +89,11 @@ def _overrides(sets: list[str] | None, **flags: Any) -> dict[str, Any]:
     return out
 
 
-def _config(config: Path | None, sets: dict[str, Any] | list[str], preset: str | None):
+def _config(config: Path | None, sets: dict[str, Any] | list[str], preset: str | None, run_dir_layer: bool = True):
+    """defaults < the run dir's config.yaml < preset < file < --set < flags: a command continues its run dir."""
     from solopo.api import build_config
 
-    return build_config(config, sets, preset=preset)
+    return build_config(config, sets, preset=preset, run_dir_layer=run_dir_layer)
 
 
 def _check_force(force: list[str] | None, stages: list[str]) -> tuple[str, ...]:
@@ -101,21 +108,58 @@ def _check_force(force: list[str] | None, stages: list[str]) -> tuple[str, ...]:
     return tuple(force or ())
 
 
-def _run(until: str, config, force: list[str] | None, start: str = "load") -> dict[str, dict[str, Any]]:
+def _run(
+    until: str, config, force: list[str] | None, start: str = "load", rerun: bool = False
+) -> dict[str, dict[str, Any]]:
     from solopo.api import chain, run
     from solopo.pipeline.lock import run_dir_lock
 
     forced = _check_force(force, [c.name for c in chain(until, start=start)])
     with run_dir_lock(config.run.run_dir):  # one writer per run dir, for the whole command
-        return run(until, config, start=start, force=forced)
+        return run(until, config, start=start, force=forced, rerun=rerun)
 
 
 def _print_summary(summaries: dict[str, dict[str, Any]], run_dir: str) -> None:
+    """The stage table with each stage's drops, then the outputs a user opens next."""
+    from solopo.pipeline.runner import read_manifest
+
     typer.echo(f"\nrun dir: {run_dir}")
-    typer.echo(f"{'stage':<8} {'status':<7} {'rows':>7} {'seconds':>9}  output")
+    typer.echo(f"{'stage':<8} {'status':<7} {'rows':>7} {'seconds':>9}  {'dropped':<30}  output")
     for name, s in summaries.items():
         rows = "-" if s.get("rows") is None else str(s["rows"])
-        typer.echo(f"{name:<8} {s['status']:<7} {rows:>7} {s['seconds']:>9.1f}  {s['dir']}")
+        drops = (read_manifest(Path(s["dir"]))[0] or {}).get("drops") or {}
+        dropped = f"{sum(drops.values())} ({', '.join(f'{k}={v}' for k, v in drops.items())})" if drops else "0"
+        typer.echo(f"{name:<8} {s['status']:<7} {rows:>7} {s['seconds']:>9.1f}  {dropped:<30}  {s['dir']}")
+    nexts = _outputs_to_open(Path(run_dir), summaries)
+    if nexts:
+        typer.echo("\nopen next:")
+        typer.echo("\n".join(f"  {line}" for line in nexts))
+
+
+def _outputs_to_open(rd: Path, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The export's configs with the max_length that truncates none of their rows, the trained model dirs and the
+    eval report, from the finished stages' files (what a command produced, named for the user to open)."""
+    from solopo.pipeline.io import read_parquet
+    from solopo.pipeline.runner import read_manifest
+
+    out = []
+    if "export" in summaries:
+        from solopo.stages.export_card import view_ident
+
+        views = ((read_manifest(rd / "export")[0] or {}).get("stats") or {}).get("views") or {}
+        out.append(f"{rd / 'export' / 'README.md'}  data card; load_dataset('{rd / 'export'}', CONFIG) with CONFIG:")
+        out += [
+            f"    trl_{view_ident(name):<14} trl/{name}.parquet: {v.get('rows', '?')} rows, "
+            f"max_length {v.get('max_length', '?')} truncates none"
+            for name, v in views.items()
+            if isinstance(v, dict)
+        ]
+    if "train" in summaries and (rd / "train" / "data.parquet").is_file():
+        for row in read_parquet(rd / "train" / "data.parquet").to_pylist():
+            out.append(f"{rd / row['model_path']}  trained model ({row.get('algo')}-{row.get('mode')}), model card")
+    if "eval" in summaries and (rd / "eval" / "report.md").is_file():
+        out.append(f"{rd / 'eval' / 'report.md'}  the eval report (report.json, accuracy_vs_length.png beside it)")
+    return out
 
 
 def _guard(fn):
@@ -177,6 +221,7 @@ def synth(
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
+    rerun: RerunOpt = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Load MuSiQue and build short and RULER-style long contexts (stages load, synth)."""
@@ -193,7 +238,7 @@ def synth(
         },
     )
     cfg = _config(config, sets, preset)
-    _print_summary(_run("synth", cfg, force), cfg.run.run_dir)
+    _print_summary(_run("synth", cfg, force, rerun=rerun), cfg.run.run_dir)
 
 
 @app.command()
@@ -211,6 +256,7 @@ def pair(
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
+    rerun: RerunOpt = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Sample CoT answers on the short prompts, select chosen/rejected by sub-EM, export triplets."""
@@ -227,7 +273,7 @@ def pair(
         },
     )
     cfg = _config(config, sets, preset)
-    _print_summary(_run("export", cfg, force), cfg.run.run_dir)
+    _print_summary(_run("export", cfg, force, rerun=rerun), cfg.run.run_dir)
 
 
 @app.command()
@@ -238,22 +284,33 @@ def train(
         str | None, typer.Option(help="solo (SoLoPO), long (Long-PO), expand-long, short (alpha=0).")
     ] = None,
     alpha: Annotated[float | None, typer.Option(help="SoLo-RA weight; default: the paper's for the algorithm.")] = None,
+    data: DataOpt = None,
+    target_len: TargetLenOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
+    rerun: RerunOpt = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Train on the exported triplets (runs the earlier stages first if they are not cached)."""
     _setup_logging(log_level)
     sets = _overrides(
         set_,
-        **{"train.algo": algo, "train.mode": mode, "train.alpha": alpha, "run.run_dir": run_dir, "run.model": model},
+        **{
+            "train.algo": algo,
+            "train.mode": mode,
+            "train.alpha": alpha,
+            "load.source": data,
+            "synth.target_len": target_len,
+            "run.run_dir": run_dir,
+            "run.model": model,
+        },
     )
     cfg = _config(config, sets, preset)
-    _print_summary(_run("train", cfg, force), cfg.run.run_dir)
+    _print_summary(_run("train", cfg, force, rerun=rerun), cfg.run.run_dir)
 
 
 @app.command("run-all")
@@ -269,14 +326,11 @@ def run_all(
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
+    rerun: RerunOpt = False,
     log_level: LogOpt = "info",
 ) -> None:
     """load -> synth -> sample -> select -> export -> train -> eval, resumable at every stage."""
     _setup_logging(log_level)
-    if model is None and config is None and preset is None and not any(s.startswith("run.preset=") for s in set_ or []):
-        # The embedded 135M model on a CPU: the paper's sizes would take days, so say what is reduced.
-        preset = "cpu-demo"
-        log.warning("no --model/--config/--preset given: using the embedded SmolLM2-135M-Instruct with preset cpu-demo")
     sets = _overrides(
         set_,
         **{
@@ -289,7 +343,19 @@ def run_all(
         },
     )
     cfg = _config(config, sets, preset)
-    summaries = _run("eval", cfg, force)
+    auto = model is None and config is None and preset is None and "preset" not in sets.get("run", {})
+    if auto and not (Path(cfg.run.run_dir) / "config.yaml").is_file():
+        # The embedded 135M model on a CPU: the paper's sizes would take days, so say what is reduced. A run dir
+        # with settings already continues with them (the preset would override what earlier commands chose).
+        log.warning("no --model/--config/--preset given: using the embedded SmolLM2-135M-Instruct with preset cpu-demo")
+        cfg = _config(config, sets, "cpu-demo")
+    elif auto and cfg.run.model is None and cfg.run.preset is None:
+        log.warning(
+            "continuing with the settings in %s: the full defaults on the embedded model, not the small preset "
+            "cpu-demo (add --preset cpu-demo for the demo sizes)",
+            Path(cfg.run.run_dir) / "config.yaml",
+        )
+    summaries = _run("eval", cfg, force, rerun=rerun)
     _print_summary(summaries, cfg.run.run_dir)
     report = Path(cfg.run.run_dir) / "eval" / "report.md"
     if report.exists():
@@ -318,8 +384,9 @@ def eval_(
         Path | None,
         typer.Option(
             "--from-run",
-            help="A training run dir: build contexts with its synth settings, generate with its sample.max_tokens, "
-            "and exclude its training ids (unless --exclude-from is given).",
+            help="A training run dir: evaluate with its eval settings (lengths, n_questions, datasets, match, ...), "
+            "its synth settings, sample.max_tokens, run.seed and run.model (the base), and exclude what its eval "
+            "excludes (unless --exclude-from is given); options given here still win.",
         ),
     ] = None,
     max_tokens: Annotated[
@@ -336,18 +403,19 @@ def eval_(
     run_dir: Annotated[str, typer.Option("--run-dir", help="Where the eval outputs go.")] = "runs/eval",
     preset: PresetOpt = None,
     force: ForceOpt = None,
+    rerun: RerunOpt = False,
     log_level: LogOpt = "info",
 ) -> None:
     """Long-context QA (MuSiQue dev, HotpotQA) at several lengths; compares models in one report + PNG.
 
     Contexts and the generation budget follow the synth/sample settings of --from-run or --config (a run's
-    config.yaml works), so a trained model is evaluated with the prompts it was trained on."""
-    from solopo.pipeline.runner import Pipeline
+    config.yaml works), so a trained model is evaluated with the prompts it was trained on. With --run-dir of a
+    training run, the run's own model is evaluated too (the eval stage of `run-all`)."""
+    from solopo.pipeline.runner import Pipeline, is_done
     from solopo.stages.evaluate import CompareEvalStage
 
     _setup_logging(log_level)
     _check_model_specs(model)
-    forced = _check_force(force, ["eval"])
     include_base = base or not model
     sets = _overrides(
         set_,
@@ -369,10 +437,14 @@ def eval_(
     if from_run is not None:
         sets = _with_run_settings(from_run, sets)
     cfg = _config(config, sets, preset)
-    from solopo.pipeline.lock import run_dir_lock
+    if from_run is None and is_done(cfg.run.run_dir, "train"):
+        summaries = _run("eval", cfg, force, start="eval", rerun=rerun)  # the training run's own eval stage
+    else:
+        from solopo.pipeline.lock import run_dir_lock
 
-    with run_dir_lock(cfg.run.run_dir):
-        summaries = Pipeline([CompareEvalStage], cfg).run(force=forced)
+        forced = _check_force(force, ["eval"])
+        with run_dir_lock(cfg.run.run_dir):
+            summaries = Pipeline([CompareEvalStage], cfg).run(force=forced, rerun=rerun)
     _print_summary(summaries, cfg.run.run_dir)
     typer.echo("\n" + (Path(cfg.run.run_dir) / "eval" / "report.md").read_text())
 
@@ -384,17 +456,25 @@ def _run_with_ids(run: Path | None) -> str | None:
     return None
 
 
-def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
-    """A run's synth section and sample.max_tokens under the explicit overrides (which still win)."""
-    from solopo.pipeline.config import _deep_merge, read_config_file
+# What `--from-run` takes from the run: everything its own eval used, except the models (given here) and
+# where its ids come from (the run dir itself, below).
+_FROM_RUN_EVAL_EXCLUDED = ("models", "include_base", "exclude_from")
 
-    path = run / "config.yaml"
-    if not path.is_file():
+
+def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
+    """A run's eval-relevant settings under the explicit overrides (which still win): its eval section, synth
+    section, sample.max_tokens, and run.seed / run.model (the base) / run.trust_remote_code."""
+    from solopo.pipeline.config import _deep_merge, saved_settings
+
+    saved = saved_settings(run)
+    if saved is None:
         raise SolopoError(f"--from-run {run}: no config.yaml there; point it at a run dir (e.g. runs/default)")
-    saved = read_config_file(path)
-    base: dict[str, Any] = {"synth": saved.get("synth", {})}
+    eval_ = {k: v for k, v in (saved.get("eval") or {}).items() if k not in _FROM_RUN_EVAL_EXCLUDED}
+    base: dict[str, Any] = {"synth": saved.get("synth", {}), "eval": eval_}
     if "max_tokens" in saved.get("sample", {}):
         base["sample"] = {"max_tokens": saved["sample"]["max_tokens"]}
+    run_keys = ("seed", "model", "trust_remote_code")
+    base["run"] = {k: v for k, v in (saved.get("run") or {}).items() if k in run_keys}
     return _deep_merge(base, sets)
 
 
@@ -428,34 +508,48 @@ def status(
     run_dir: RunDirOpt = None,
     preset: PresetOpt = None,
 ) -> None:
-    """Show which stages of a run directory are done, stale (config or input changed), damaged or partial."""
-    from solopo.pipeline.runner import stage_status
-    from solopo.stages import ORDER
+    """Show each stage of a run directory (done, stale, damaged, partial or -) and what the next command with
+    these settings (the run dir's config.yaml, plus any -c/--set/--preset given) would redo, and why."""
+    from solopo.api import plan
+    from solopo.pipeline.config import SAVED_CONFIG
 
     overrides = _overrides(set_, **{"run.run_dir": run_dir})
-    rd = Path(run_dir or overrides.get("run", {}).get("run_dir") or _config(config, overrides, preset).run.run_dir)
-    saved = rd / "config.yaml"
-    if config is None and preset is None and not set_ and saved.is_file():
-        # No config given: compare with the one the last command in this run dir used.
-        config, source = saved, f"{saved} (the last command's config)"
-    else:
-        source = "the given config" if (config or preset or set_) else "the defaults"
     try:
-        cfg = _config(config, overrides, preset)
+        cfg, layers = _config(config, overrides, preset), _layers(config, overrides, preset)
     except SolopoError as e:
-        if config != saved:
+        if config is not None or preset is not None or set_:
             raise
-        cfg, source = _config(None, overrides, None), f"the defaults ({saved} is unusable: {e})"
-    typer.echo(f"run dir: {rd}  (configs compared with {source})")
-    for name in ORDER:
-        st = stage_status(rd, name, cfg)
-        m = st.get("manifest") or {}
-        line = f"  {name:<7} {st['state']:<8}"
-        if st["state"] in ("done", "stale"):
-            drops = sum((m.get("drops") or {}).values())
+        # status never fails on a damaged run dir: an unusable config.yaml is named, the defaults compared
+        cfg, layers = _config(None, overrides, None, run_dir_layer=False), [(f"the defaults ({e})", {})]
+    rd = Path(cfg.run.run_dir)
+    typer.echo(f"run dir: {rd}  (settings: {' < '.join(name for name, _ in layers)})")
+    if not (rd / SAVED_CONFIG).is_file() and not any((rd / n).exists() for n in ("load", "eval")):
+        typer.echo("  (nothing has run here yet)")
+    states = {"cached": "done", "rerun": "stale", "repair": "damaged", "resume": "partial", "run": "-"}
+    for pl in plan(cfg, strict=False):
+        state = states.get(pl.action, pl.action)
+        if pl.action == "repair" and pl.reason.startswith("its input"):
+            state = "stale"
+        m = pl.manifest or {}
+        line = f"  {pl.name:<7} {state:<8}"
+        if pl.manifest is not None and pl.action in ("cached", "rerun", "repair"):
+            drops = m.get("drops") or {}
             secs = (m.get("timings") or {}).get("seconds", 0.0)
-            line += f" rows={m.get('rows_out', '?')!s:<6} dropped={drops:<5} {secs:.1f}s"
-        typer.echo((line + (f"  {st['detail']}" if st["detail"] else "")).rstrip())
+            dropped = sum(v for v in drops.values() if isinstance(v, int))
+            line += f" rows={m.get('rows_out', '?')!s:<6} dropped={dropped:<5} {secs:.1f}s"
+        detail = {
+            "cached": "",
+            "run": "",
+            "rerun": f"the next run redoes it: {pl.reason}",
+            "repair": f"{pl.reason}; the next run rebuilds it",
+        }.get(pl.action, pl.reason)
+        typer.echo((line + (f"  {detail}" if detail else "")).rstrip())
+
+
+def _layers(config: Path | None, overrides: dict[str, Any], preset: str | None) -> list[tuple[str, dict[str, Any]]]:
+    from solopo.pipeline.config import config_layers
+
+    return config_layers(config, overrides, preset, run_dir_layer=True)
 
 
 @app.command("plan")
@@ -521,11 +615,20 @@ def plan_(
 
 @config_app.command("show")
 @_guard
-def config_show(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None) -> None:
-    """Print the fully resolved config (defaults < preset < file < --set)."""
-    from solopo.pipeline.config import dump_config
+def config_show(
+    config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None, run_dir: RunDirOpt = None
+) -> None:
+    """Print the fully resolved config (defaults < the run dir's config.yaml < preset < file < --set), with the
+    layer each non-default value came from."""
+    from solopo.pipeline.config import dump_config, provenance
 
-    typer.echo(dump_config(_config(config, _overrides(set_), preset)))
+    overrides = _overrides(set_, **{"run.run_dir": run_dir})
+    cfg = _config(config, overrides, preset)
+    layers = _layers(config, overrides, preset)
+    typer.echo(f"# layers, lowest first: {' < '.join(name for name, _ in layers)}")
+    for key, name in provenance(layers).items():
+        typer.echo(f"#   {key}: {name}")
+    typer.echo(dump_config(cfg))
 
 
 @model_app.command("prepare")
@@ -543,13 +646,16 @@ def model_prepare(force: Annotated[bool, typer.Option(help="Convert again even i
 def model_tiny(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
     layers: Annotated[int, typer.Option(help="Number of layers.")] = 2,
-    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
+    hidden: Annotated[int, typer.Option(help="Hidden size (a multiple of 64: heads of 32).")] = 64,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT even if it is a non-empty directory solopo did not write.")
+    ] = False,
 ) -> None:
     """Build a tiny random model with SmolLM2's real tokenizer (for tests and dry runs)."""
     _setup_logging("info")
     from solopo.models import build_tiny_model
 
-    typer.echo(str(build_tiny_model(out, num_layers=layers, hidden_size=hidden)))
+    typer.echo(str(build_tiny_model(out, num_layers=layers, hidden_size=hidden, overwrite=overwrite)))
 
 
 def main() -> None:

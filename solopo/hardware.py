@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -121,3 +123,73 @@ def _cpu_ranges(cpus: list[int]) -> str:
             out.append(str(start) if start == c else f"{start}-{c}")
             start = None
     return ",".join(out)
+
+
+# A watchdog process that outlives its parent only long enough to stop the given processes: vLLM's engine core
+# is a spawned process that keeps running (and holding its KV cache) when solopo's process is killed (-9 included).
+_WATCHDOG = r"""
+import os, signal, sys, time
+parent, procs = int(sys.argv[1]), [tuple(map(float, a.split(":"))) for a in sys.argv[2:]]
+
+def same(pid, started):  # the same process, not a later one that reuses its pid
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return abs(float(f.read().rsplit(")", 1)[1].split()[19]) - started) < 1
+    except (OSError, IndexError, ValueError):
+        return False
+
+while os.getppid() == parent:
+    if not any(same(*p) for p in procs):
+        sys.exit(0)  # they ended on their own (a normal shutdown)
+    time.sleep(0.5)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for pid, started in procs:
+        if same(pid, started):
+            try:
+                os.kill(int(pid), sig)
+            except OSError:
+                pass
+    time.sleep(3)
+"""
+
+
+def _start_ticks(pid: int) -> float | None:
+    """Start time of a process in clock ticks since boot (/proc/PID/stat field 22), None if it is gone."""
+    try:
+        return float(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def child_pids() -> set[int]:
+    """PIDs of this process's children and their descendants (Linux /proc; empty elsewhere)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [os.getpid()]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def stop_with_parent(pids: set[int] | list[int]) -> subprocess.Popen[bytes] | None:
+    """Start a watchdog that stops `pids` (SIGTERM, then SIGKILL 3 s later) once this process dies, however it
+    dies (kill -9 included), and exits by itself when they end first. Returns it (terminate it on a normal
+    shutdown), or None when there is nothing to watch."""
+    procs = [f"{p}:{t}" for p in sorted(pids) if (t := _start_ticks(p)) is not None]
+    if not procs:
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *procs],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C to solopo's process group does not stop the watchdog first
+    )

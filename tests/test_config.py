@@ -73,3 +73,67 @@ def test_config_is_frozen():
     cfg = build_config()
     with pytest.raises(Exception):  # noqa: B017 (pydantic raises ValidationError on frozen assignment)
         cfg.load.limit = 3  # type: ignore[misc]
+
+
+# --- issue 20.1: a run dir remembers its settings -------------------------------------------------------------
+def _saved_run_dir(tmp_path):
+    from solopo.pipeline.config import dump_config
+
+    rd = tmp_path / "R"
+    rd.mkdir()
+    saved = build_config(
+        overrides={
+            "run": {"run_dir": "/copied/from/elsewhere", "seed": 5},
+            "load": {"limit": 4},
+            "sample": {"n": 3, "max_tokens": 99},
+            "train": {"lr": 1e-5},
+        }
+    )
+    (rd / "config.yaml").write_text(dump_config(saved))
+    return rd
+
+
+def test_run_dir_settings_are_a_layer_under_preset_file_set_and_flags(tmp_path):
+    rd = _saved_run_dir(tmp_path)
+    f = tmp_path / "f.yaml"
+    f.write_text("sample:\n  max_tokens: 66\n")
+    over = {"run": {"run_dir": str(rd)}, "train": {"lr": 2e-5}}
+    cfg = build_config(f, over, run_dir_layer=True)
+    # run dir < file < overrides; run.run_dir is where the run dir is now, not what its file says
+    assert cfg.run.run_dir == str(rd) and cfg.run.seed == 5 and cfg.load.limit == 4
+    assert cfg.sample.n == 3 and cfg.sample.max_tokens == 66 and cfg.train.lr == 2e-5
+    # a preset sits above the run dir: its keys win, the rest stays
+    cfg = build_config(None, over, preset="cpu-demo", run_dir_layer=True)
+    assert cfg.sample.n == 8 and cfg.load.limit == 32 and cfg.run.seed == 5 and cfg.run.preset == "cpu-demo"
+    # the library default (no run_dir_layer) is the old order
+    assert build_config(None, over).load.limit != 4
+
+
+def test_config_show_names_the_layer_of_each_value(tmp_path):
+    from typer.testing import CliRunner
+
+    from solopo.cli import app
+
+    rd = _saved_run_dir(tmp_path)
+    res = CliRunner().invoke(app, ["config", "show", "--run-dir", str(rd), "--set", "train.lr=3e-5"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert f"# layers, lowest first: defaults < {rd / 'config.yaml'} (the run dir's settings) < --set / options" in out
+    assert f"#   load.limit: {rd / 'config.yaml'} (the run dir's settings)" in out
+    assert "#   train.lr: --set / options" in out and "lr: 3.0e-05" in out
+    assert f"run_dir: {rd}" in out and "/copied/from/elsewhere" not in out
+
+
+def test_an_unusable_run_dir_config_is_named(tmp_path):
+    from typer.testing import CliRunner
+
+    from solopo.cli import app
+
+    rd = tmp_path / "R"
+    rd.mkdir()
+    (rd / "config.yaml").write_text("load:\n  nope: 1\n")
+    res = CliRunner().invoke(app, ["config", "show", "--run-dir", str(rd)])
+    assert res.exit_code == 2 and "the run dir's saved settings" in res.output and "load.nope: unknown key" in res.output
+    assert "delete it" in res.output
+    res = CliRunner().invoke(app, ["status", "--run-dir", str(rd)])  # status never fails: it names the file
+    assert res.exit_code == 0 and "the defaults (" in res.output and "load.nope" in res.output, res.output

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
@@ -77,22 +76,19 @@ def qwen_like(heads: int = 28, kv: int = 4):
 
 def test_sp_head_count_rule(tmp_path):
     assert P.valid_sp_sizes(P.load_model_facts(str(big_config_dir(tmp_path))), 8) == [1, 2, 4, 8]  # 16 / 4 heads
-    f = qwen_like(28, 4)  # Qwen2.5-7B's heads: 8 GPUs allow sp 1, 2, 4 (7 and 14 do not divide 8)
-    assert P.valid_sp_sizes(f, 8) == [1, 2, 4]
-    assert P.valid_sp_sizes(qwen_like(32, 8), 8) == [1, 2, 4, 8]
-    assert P.sp_allowed(qwen_like(32, 4), 8)  # kv 4 < sp 8: DeepSpeed replicates the KV heads
-    with pytest.raises(
-        P.PlanError, match=r"train.sp_size=8 does not fit .*28 attention heads.*Valid sp sizes: 1, 2, 4, 28"
-    ):
-        P.check_sp(f, 8, 8)
+    assert P.valid_sp_sizes(qwen_like(28, 4), 8) == [1, 2, 4]  # Qwen2.5-7B's heads: 7 and 28 do not divide 8
+    assert P.valid_sp_sizes(qwen_like(32, 4), 8) == [1, 2, 4, 8]  # kv 4 < sp 8: DeepSpeed replicates KV heads
+    assert P.valid_sp_sizes(qwen_like(28, 4), 6) == [1, 2]
 
 
 def test_plan_refuses_sp_size_the_heads_do_not_allow():
-    """The embedded shape has 9 heads / 3 KV heads: sp 2 is refused, naming the valid sizes (train.sp_size read
-    with a default, so this works before and after that setting exists)."""
-    cfg = SimpleNamespace(**TrainConfig().model_dump(), sp_size=2)
-    with pytest.raises(P.PlanError, match=r"sp_size=2 does not fit.*9 attention heads and 3 KV heads.*1, 3, 9"):
-        P.plan_for_config(cfg, None, 2048, P.Machine(gpus=2, gpu_mem_gb=80))  # the embedded SmolLM2's config
+    """The embedded SmolLM2 has 9 heads / 3 KV heads: sp 2 is refused (exit 2 through the CLI), naming the valid
+    sizes, before any trace runs."""
+    from solopo.pipeline.errors import ConfigError
+
+    cfg = TrainConfig(sp_size=2)
+    with pytest.raises(ConfigError, match=r"sp_size=2 does not fit.*9 attention heads, 3 KV heads.*1, 3, 9"):
+        P.plan_for_config(cfg, None, 2048, P.Machine(gpus=2, gpu_mem_gb=80))
 
 
 def big_config_dir(tmp_path: Path) -> Path:

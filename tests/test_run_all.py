@@ -57,7 +57,7 @@ def test_run_all_end_to_end_then_noop(tmp_path):
     assert (run_dir / "eval" / "accuracy_vs_length.png").stat().st_size > 1000
     assert "Long-context QA" in res.output
     # The trained checkpoint loads with plain transformers.
-    model_path = pq.read_table(run_dir / "train" / "data.parquet").column("model_path")[0].as_py()
+    model_path = run_dir / pq.read_table(run_dir / "train" / "data.parquet").column("model_path")[0].as_py()
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(model_path)

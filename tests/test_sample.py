@@ -116,7 +116,7 @@ def test_on_both_samples_every_long_prompt(tmp_path, tiny_model_dir, fake):
     assert out[0]["long_samples"][0]["samples"] != out[0]["samples"]
 
 
-def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
+def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake, capsys):
     write_synth(tmp_path, synth_rows(10))
     cfg = config(tmp_path, tiny_model_dir, shard_size=1)
     fake.fail_on_call = 4  # dies while sampling shard 4 of 10
@@ -128,7 +128,9 @@ def test_resume_after_killed_shard(tmp_path, tiny_model_dir, fake):
 
     fake.calls.clear()
     fake.fail_on_call = None
+    capsys.readouterr()
     Pipeline([SampleStage], cfg).run()
+    assert "10/10" in capsys.readouterr().err  # the stage's one bar starts at the 3 resumed prompts
     assert [c[0].split("Question: ")[1] for c in fake.calls] == [f"Where was person {i} born?" for i in range(3, 10)]
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["shards"] == {"count": 10, "resumed": 3, "rows_per_shard": 1}
@@ -195,6 +197,8 @@ def test_tiny_model_sampling_manifest_and_progress(tmp_path, tiny_model_dir, cap
     assert any("n=3" in n and "paper: n=32" in n for n in m["notes"])  # the reduction is announced
     err = capsys.readouterr().err
     assert "sample[transformers]" in err and "tok/s" in err
+    # One bar for the stage's 3 shards (issue 26.2: it restarted per shard, 2/2, 2/2, 1/1, with no overall ETA).
+    assert "5/5" in err and "2/2" not in err and "1/1" not in err
 
 
 def test_transformers_backend_seeded_and_greedy(tiny_model_dir):
@@ -288,24 +292,118 @@ def test_stage_samples_do_not_depend_on_shard_size(tmp_path, tiny_model_dir):
     assert run(tmp_path / "a", 1, 2) == run(tmp_path / "b", 4, 8)
 
 
-def test_gumbel_sampler_draws_from_the_softmax():
+def test_seeded_sampler_draws_from_the_softmax():
     """Hand-worked: logits log([0.5, 0.3, 0.2, 0]) -> frequencies 0.5/0.3/0.2/0 over many independent rows."""
     import math
 
     import torch
 
-    from solopo.backends.hf import _GumbelSampler, sample_key
+    from solopo.backends.hf import _SeededSampler, sample_key
 
     rows = 20000
     scores = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2), -math.inf]]).repeat(rows, 1)
-    sampler = _GumbelSampler([sample_key(3, j) for j in range(rows)], prompt_width=4, device="cpu")
-    picks = sampler(torch.zeros((rows, 4), dtype=torch.long), scores).argmax(-1)
+    sampler = _SeededSampler([sample_key(3, j) for j in range(rows)], prompt_width=4, device="cpu")
+    out = sampler(torch.zeros((rows, 4), dtype=torch.long), scores)
+    assert ((out == 0).sum(-1) == 1).all() and ((out == 0) | (out == -math.inf)).all()  # one token per row
+    picks = out.argmax(-1)
     freq = torch.bincount(picks, minlength=4).float() / rows
     # binomial sd at p=0.5, n=20000 is 0.0035: 4 sd
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015), freq
-    # the next decode step draws fresh noise for the same row
+    # the next decode step draws a fresh uniform for the same row
     step1 = sampler(torch.zeros((rows, 5), dtype=torch.long), scores).argmax(-1)
     assert (step1 != picks).float().mean() > 0.3
+
+
+def test_uniforms_stay_below_one_and_edges_never_pick_a_zero():
+    """Issue 22.1: the old float32 uniform (k + 0.5) / 2^24 rounded to 1.0 at k = 2^24 - 1 (Gumbel noise +inf).
+    The largest uniform now is (2^52 - 1) / 2^52 < 1; u = 0 and u -> 1 pick the first and last tokens of
+    nonzero probability, never the zeros around them."""
+    import torch
+
+    from solopo.backends.hf import inverse_cdf
+
+    assert torch.tensor(float((1 << 24) - 1) + 0.5, dtype=torch.float32) / float(1 << 24) == 1.0  # the old bug
+    top = torch.tensor((1 << 52) - 1, dtype=torch.long).to(torch.float64) / float(1 << 52)
+    assert top < 1.0
+    p = torch.tensor([0.0, 0.25, 0.0, 0.75, 0.0], dtype=torch.float64)
+    u = torch.tensor([0.0, 0.2499, 0.25, 0.9999, float(top)], dtype=torch.float64)
+    assert inverse_cdf(p, u).tolist() == [1, 1, 3, 3, 3]
+    # a cdf whose total rounds below the target: the last nonzero token, not the index past the end
+    assert inverse_cdf(torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64), torch.tensor([1.0])).tolist() == [1]
+
+
+@pytest.fixture(scope="module")
+def real_logits():
+    """Next-token logits (49,152-token vocabulary) of the embedded SmolLM2-135M-Instruct at 4 positions of a
+    chain-of-thought answer, the first token of the answer among them: bench/sample/bench_sampler.py's, shared."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "sample" / "bench_sampler.py"
+    spec = importlib.util.spec_from_file_location("bench_sampler", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits = bench.answer_logits()
+    assert logits.shape == (4, 49152)
+    return logits
+
+
+def _chi2_two_sample(a, b) -> float:
+    """p-value of the chi-square test that two count vectors come from one distribution (bins with fewer than 10
+    counts in total pooled into one)."""
+    import numpy as np
+    from scipy.stats import chi2_contingency
+
+    a, b = np.asarray(a), np.asarray(b)
+    big = (a + b) >= 10
+    table = np.stack([np.append(a[big], a[~big].sum()), np.append(b[big], b[~big].sum())])
+    table = table[:, table.sum(0) > 0]
+    return float(chi2_contingency(table)[1])
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_sampler_on_the_real_vocabulary_vs_multinomial(real_logits, top_p):
+    """Issue 22.1 on the real 49K vocabulary at T = 0.85: 4 x 256 draws through the logits processors as generate
+    runs them (temperature, top-p, sampler), then 4 x 25,000 draws of the sampler's own uniforms (keys x decode
+    steps) through the same inverse_cdf: no token of probability 0 is ever drawn, and the counts match
+    torch.multinomial's (chi-square, p > 1e-4) and the probabilities themselves."""
+    import numpy as np
+    import torch
+    from scipy.stats import chisquare
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from solopo.backends.hf import _SeededSampler, inverse_cdf, sample_key
+
+    procs = [TemperatureLogitsWarper(0.85)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+    rows_per = 256
+    for r, logits in enumerate(real_logits):
+        scores = logits[None].repeat(rows_per, 1)
+        for proc in procs:
+            scores = proc(None, scores)
+        p = torch.softmax(scores[0], -1, dtype=torch.float64)
+        allowed = p > 0
+        if top_p < 1:
+            assert 0 < int(allowed.sum()) < 49152  # the filter removed tokens: the case that used to fail
+        sampler = _SeededSampler([sample_key(r, j) for j in range(rows_per)], prompt_width=1, device="cpu")
+        picks = sampler(torch.zeros((rows_per, 1), dtype=torch.long), scores).argmax(-1)
+        assert allowed[picks].all()
+
+        # The bulk: 25,000 draws = 1,000 rows x 25 decode steps of the sampler's uniform stream.
+        keys = _SeededSampler([sample_key(100 + r, j) for j in range(1000)], prompt_width=0, device="cpu")
+        u = torch.cat([keys.uniforms(step) for step in range(25)])
+        ours = inverse_cdf(p, u)
+        assert allowed[ours].all(), f"drew {int((~allowed[ours]).sum())} filtered token(s)"
+        gen = torch.Generator().manual_seed(r)
+        ref = torch.multinomial(p.float(), len(u), replacement=True, generator=gen)
+        a = torch.bincount(ours, minlength=p.numel()).numpy()
+        b = torch.bincount(ref, minlength=p.numel()).numpy()
+        assert _chi2_two_sample(a, b) > 1e-4
+        # goodness of fit against the probabilities (tokens expected fewer than 10 times pooled)
+        exp = p.numpy() * len(u)
+        big = exp >= 10
+        obs = np.append(a[big], a[~big].sum())
+        want = np.append(exp[big], exp[~big].sum())
+        assert chisquare(obs[want > 0], want[want > 0] * obs.sum() / want.sum()).pvalue > 1e-4
 
 
 def test_threads_knob_and_settings_in_manifest(tmp_path, tiny_model_dir):
@@ -340,3 +438,138 @@ def test_physical_cores_and_vllm_cpu_env(monkeypatch):
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == str(hardware.usable_cpus()[0])
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+
+
+WATCHED = """
+import subprocess, sys, time
+from solopo.hardware import stop_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+dog = stop_with_parent({child.pid})
+print(child.pid, dog.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_watchdog_stops_children_when_the_parent_is_killed(tmp_path):
+    """Issue 21.10, the mechanism the vLLM backend uses for its engine core (tests/test_vllm.py runs it on a
+    real engine): after kill -9 of the parent, the watched process is stopped; the watchdog then exits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, text=True)
+    child, dog = map(int, parent.stdout.readline().split())
+    assert _running(child) and _running(dog)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and (_running(child) or _running(dog)):
+        time.sleep(0.2)
+    assert not _running(child) and not _running(dog)
+
+
+def test_watchdog_exits_when_the_watched_process_ends_first():
+    import subprocess
+    import sys
+
+    from solopo.hardware import stop_with_parent
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    dog = stop_with_parent({child.pid})
+    child.wait()  # reaped: the pid is gone
+    assert dog is not None and dog.wait(timeout=20) == 0
+
+
+def test_vllm_dtype_is_explicit(tiny_model_dir, monkeypatch):
+    """Issue 26.1/22.3: vLLM gets a dtype, never "auto": reproducible -> fp32; an fp32 checkpoint -> bf16 where
+    the device has bf16 units (vLLM's own choice), else fp32; an explicit dtype wins."""
+    from solopo import hardware
+    from solopo.backends.vllm_engine import resolve_vllm_dtype
+
+    path = str(tiny_model_dir)  # saved in float32
+    assert resolve_vllm_dtype("auto", path, on_cpu=True, trust_remote_code=False, reproducible=True) == "float32"
+    assert resolve_vllm_dtype("float16", path, True, False, True) == "float16"
+    assert resolve_vllm_dtype("auto", path, on_cpu=False, trust_remote_code=False, reproducible=False) == "bfloat16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert resolve_vllm_dtype("auto", path, on_cpu=True, trust_remote_code=False, reproducible=False) == "float32"
+
+
+def test_reproducible_transformers_runs_fp32_and_records_it(tmp_path, tiny_model_dir):
+    write_synth(tmp_path, synth_rows(1))
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir, n=1, max_tokens=2, reproducible=True)).run()
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["dtype"] == "float32" and m["stats"]["reproducible"] is True
+    assert "vllm_log" not in m["stats"]
+
+
+def test_all_empty_samples_fail_and_some_warn(tmp_path, tiny_model_dir, monkeypatch):
+    """Issue 21.9: a model whose logits are NaN samples empty strings; a shard with nothing else stops the stage
+    (exit 2 through the CLI), a few are counted in the manifest and the log."""
+    from solopo.pipeline.errors import SolopoError
+
+    fb = FakeBackend()
+    real = fb.generate
+
+    def empty(prompts, n, temperature, top_p, max_tokens, seed, progress=None):
+        return [[Generation("", "stop", 1, finite=False) for _ in range(n)] for _ in prompts]
+
+    fb.generate = empty
+    monkeypatch.setattr(backends, "get_backend", lambda *a, **k: fb)
+    write_synth(tmp_path, synth_rows(2))
+    with pytest.raises(SolopoError, match=r"all 4 samples .*\(4 of them met NaN/inf logits"):
+        Pipeline([SampleStage], config(tmp_path, tiny_model_dir)).run()
+
+    def some(prompts, n, temperature, top_p, max_tokens, seed, progress=None):
+        out = real(prompts, n, temperature, top_p, max_tokens, seed, progress)
+        out[0][0] = Generation("", "stop", 1)
+        return out
+
+    fb.generate = some
+    Pipeline([SampleStage], config(tmp_path, tiny_model_dir)).run()
+    m = read_json(tmp_path / "sample" / "manifest.json")
+    assert m["stats"]["empty_samples"] == 1 and m["stats"]["nonfinite_logit_samples"] == 0
+    assert "1 of 4 samples are empty (they select no pair)" in m["notes"]
+
+
+def test_nan_logits_are_flagged_by_the_transformers_backend(tiny_model_dir):
+    """A checkpoint with NaN weights: every sample is flagged non-finite (greedy and sampled)."""
+    import torch
+
+    b = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    with torch.no_grad():
+        b.model.model.norm.weight.fill_(float("nan"))
+    for temperature in (0.0, 0.9):
+        out = b.generate(PROMPTS[:2], n=2, temperature=temperature, top_p=1.0, max_tokens=3, seed=[1, 2])
+        assert all(not g.finite for gens in out for g in gens)
+
+
+def test_engine_death_quotes_the_workers_error(tmp_path):
+    """Issue 21.6: with vLLM's engine in its own process, its main process says only "Engine core initialization
+    failed. See root cause above"; the cause is the worker's line in the engine log (these lines are from a real
+    log of a model dir without weights; tests/test_vllm.py starts the real engine in-process)."""
+    from solopo.backends.vllm_engine import root_cause
+
+    log = tmp_path / "vllm.log"
+    log.write_text(
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953]     raise RuntimeError(\n"
+        "(Worker pid=26039) ERROR 12-03 13:11:31 [multiproc_executor.py:953] RuntimeError: Cannot find any model "
+        "weights with `/m/no-weights`\n"
+        "(EngineCore pid=26026) INFO 12-03 13:11:31 [multiproc_executor.py:479] [shutdown] Executor: waiting\n"
+        "(EngineCore pid=26026) ERROR 12-03 13:11:33 [core.py:1510] Exception: WorkerProc initialization failed "
+        "due to an exception in a background process. See stack trace for root cause.\n"
+        "Process EngineCore:\n"
+        "Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace "
+        "for root cause.\n"
+    )
+    exc = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    assert root_cause(log, exc) == "RuntimeError: Cannot find any model weights with `/m/no-weights`"
+    assert root_cause(None, exc).startswith("RuntimeError: Engine core initialization failed")  # no log: its own

@@ -138,8 +138,9 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
     finally:
         T._Agg.finish = real
     assert (part / "models" / "orpo-solo.checkpoints" / "step-2").exists()
+    # the killed run's logs lived in its staging dir, removed with it: no model dir, no temp dir
+    assert sorted(p.name for p in (part / "models").iterdir()) == ["orpo-solo.checkpoints"]
     logs = part / "models" / "orpo-solo" / "logs.jsonl"
-    assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3]
     resumed = run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     assert any("resumed from checkpoint" in n for n in resumed["notes"]) and resumed["steps"] == 4
     assert [json.loads(x)["step"] for x in logs.read_text().splitlines()] == [1, 2, 3, 4]
@@ -207,6 +208,8 @@ def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     assert res.exit_code == 0, res.output
     out = pa.parquet.read_table(run_dir / "train" / "data.parquet").to_pylist()[0]
     assert out["algo"] == "orpo" and out["mode"] == "solo" and out["alpha"] == 1.0 and out["steps"] == 2
+    assert out["model_path"] == "train/models/orpo-solo"  # relative to the run dir
+    out["model_path"] = str(run_dir / out["model_path"])
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, TrainerState
 
@@ -275,3 +278,22 @@ def test_deepspeed_zero3_cpu(tmp_path, tiny_model_dir):
     hp = [json.loads(x) for x in (Path(plain["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in ds] == pytest.approx([r["loss"] for r in hp], rel=1e-4)
     weights(run_dir / "train" / "models" / "dpo-solo")  # the ZeRO-3 model was gathered and saved in HF format
+
+
+def test_log_lines_do_not_run_into_the_progress_bar(tmp_path, tiny_model_dir, keep_logging, monkeypatch):
+    """issue 26: a log line during the loop goes through tqdm.write (the bar is cleared, the line printed, the bar
+    redrawn), so on the console no step line starts after the bar's text on the same line."""
+    import io
+    import logging
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)  # tqdm and the handler below both write to sys.stderr
+    root = logging.getLogger()
+    root.handlers[:] = [logging.StreamHandler(sys.stderr)]
+    root.setLevel(logging.INFO)
+    run(tmp_path, tiny_model_dir, algo="simpo", max_steps=2, logging_steps=1)
+    text = err.getvalue()
+    step_lines = [ln for ln in text.split("\n") if "[train] step" in ln]
+    assert len(step_lines) == 2, text
+    # what is visible of a console line is what follows its last carriage return
+    assert all(ln.split("\r")[-1].startswith("[train] step") for ln in step_lines), step_lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from conftest import SHARED
 from test_train import export_rows, run
 
 from solopo.api import build_config
-from solopo.pipeline.errors import ConfigError
+from solopo.pipeline.errors import ConfigError, RunDirError, SolopoError
 from solopo.training.loop.settings import TrainingError
 from solopo.training.loop.step import disable_dropout, step_health
 
@@ -40,16 +41,20 @@ def test_step_health_hand_cases():
 
 def test_exploding_lr_fails_and_saves_nothing(tmp_path, tiny_model_dir):
     """lr=1e30 (the issue's repro): step 1's update is finite, step 2's is NaN. The run fails naming the step and
-    its examples; the step-1 checkpoint is finite and loads with weights_only=True; no model is written."""
+    its examples; the step-1 checkpoint is finite and loads with weights_only=True; the previous model in the same
+    place, logs.jsonl included, is untouched and no temp dir is left (issue 20 item 3)."""
+    prev = run(tmp_path, tiny_model_dir, algo="orpo", max_steps=2)
+    model_dir = Path(prev["model_path"])
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
     with pytest.raises(TrainingError, match=r"non-finite gradients and parameters at optimizer step 2, examples \['q"):
         run(tmp_path, tiny_model_dir, algo="orpo", lr=1e30, max_steps=3, save_steps=1)
-    model_dir = tmp_path / "models" / "orpo-solo"
-    assert not list(model_dir.glob("*.safetensors")) and not (model_dir / "config.json").exists()
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    assert [r["step"] for r in log_rows(model_dir)] == [1, 2]  # the previous run's log, not the failed one's
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["orpo-solo", "orpo-solo.checkpoints"]
     ckpts = sorted((tmp_path / "models" / "orpo-solo.checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-1"]
     blob = torch.load(ckpts[0] / "state.pt", map_location="cpu", weights_only=True)
     assert blob["step"] == 1 and all(torch.isfinite(v).all() for v in blob["model"].values())
-    assert [r["step"] for r in log_rows(model_dir)] == [1]  # the failed step is not logged
 
 
 def test_infinite_lr_is_a_config_error(tmp_path, tiny_model_dir):
@@ -341,3 +346,155 @@ def test_eval_excludes_training_ids(tmp_path, tokenizer):
     evalset = EvalStage(cfg.eval, ctx)._eval_set(tokenizer)
     assert set(evalset.column("id").to_pylist()) == {ids[3]}
     assert ctx.drops["musique:overlaps_training_ids"] == 3
+
+
+# --- issue 20 items 5-7, issue 21 items 3-4: context, checkpoints, full disk, the reference cache -----------------
+def crash_in_step(monkeypatch, n: int) -> None:
+    """Simulate a kill during optimizer step n (after steps 1..n-1 finished)."""
+    import solopo.training.loop.step as S
+
+    real, calls = S._Agg.finish, {"n": 0}
+
+    def finish(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S._Agg, "finish", finish)
+
+
+def test_examples_over_the_model_context_are_dropped_with_a_note(tmp_path, tiny_model_dir):
+    """A 150-token context: the longer x_long rows are dropped (counted, with a note) instead of training past the
+    positions the model knows; with none left the run fails saying why."""
+    d = tmp_path / "ctx150"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 150}))
+    res = run(tmp_path / "a", d, algo="orpo")
+    dropped = res["drops"]["over_model_context"]
+    assert 0 < len(dropped) < 4 and res["examples"] == 4 - len(dropped)
+    assert any(
+        f"{len(dropped)} example(s) have a sequence longer than the model's context of 150" in n for n in res["notes"]
+    )
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 40}))
+    with pytest.raises(SolopoError, match=r"no training examples left .*'over_model_context': 4"):
+        run(tmp_path / "b", d, algo="orpo")
+
+
+def test_checkpoints_by_time_by_default_and_kept_across_non_math_settings(tmp_path, tiny_model_dir, monkeypatch):
+    """save_steps unset (the default) checkpoints every save_minutes; a rerun that changes only logging_steps,
+    report_to or save_steps resumes from them, keeping the newest save_total_limit (2)."""
+    from solopo.training.config import TrainConfig
+
+    assert TrainConfig().save_steps is None and TrainConfig().save_minutes == 10.0
+    crash_in_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_minutes=1e-9)  # due after every step
+    ckpt = tmp_path / "models" / "orpo-solo.checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-3"]
+    monkeypatch.undo()
+    res = run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_steps=5, logging_steps=2)
+    assert any(f"resumed from checkpoint {ckpt / 'step-3'} at step 3" in n for n in res["notes"]), res["notes"]
+    assert res["steps"] == 4 and not ckpt.exists()
+
+
+def test_damaged_checkpoints_are_skipped_for_the_last_good_one(tmp_path, tiny_model_dir, monkeypatch):
+    """Truncated state.pt, garbage solopo.json, a stray step-3.bak and a leftover step-9.tmp: each is skipped (the
+    temp dir silently removed) and the run resumes from step 1, the last good checkpoint; no note blames another
+    config."""
+    crash_in_step(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_steps=1, save_total_limit=0)
+    monkeypatch.undo()
+    ckpt = tmp_path / "models" / "orpo-solo.checkpoints"
+    os.truncate(ckpt / "step-3" / "state.pt", 1000)
+    (ckpt / "step-2" / "solopo.json").write_text("{garbage")
+    shutil.copytree(ckpt / "step-1", ckpt / "step-3.bak")
+    (ckpt / "step-9.tmp").mkdir()
+    res = run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_steps=1, save_total_limit=0)
+    notes = "\n".join(res["notes"])
+    assert f"skipping damaged checkpoint {ckpt / 'step-3'} (RuntimeError" in notes
+    assert f"skipping damaged checkpoint {ckpt / 'step-2'}: solopo.json is unreadable" in notes
+    assert f"ignoring {ckpt / 'step-3.bak'}: not a checkpoint solopo wrote" in notes
+    assert f"resumed from checkpoint {ckpt / 'step-1'} at step 1" in notes
+    assert "another config" not in notes and "step-9.tmp" not in notes and res["steps"] == 4
+
+
+def test_only_a_leftover_temp_checkpoint_starts_at_step_0_without_blame(tmp_path, tiny_model_dir):
+    ckpt = tmp_path / "models" / "orpo-solo.checkpoints"
+    (ckpt / "step-1.tmp").mkdir(parents=True)
+    res = run(tmp_path, tiny_model_dir, algo="orpo", max_steps=1)
+    assert not any("another config" in n or "resumed" in n for n in res["notes"]), res["notes"]
+
+
+def test_full_disk_at_a_checkpoint_and_at_the_final_save(tmp_path, tiny_model_dir, monkeypatch):
+    """Both are the storage message ("no space left ... rerun the same command"), and no temp dir survives."""
+    import errno
+
+    import safetensors
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(
+        RunDirError, match=r"cannot write .*step-1: no space left on the device.*rerun the same command"
+    ):
+        run(tmp_path, tiny_model_dir, algo="orpo", max_steps=2, save_steps=1)
+    monkeypatch.undo()
+    models = tmp_path / "models"
+    assert [p.name for p in models.rglob("*")] == ["orpo-solo.checkpoints"]  # no step-1(.tmp), no .orpo-solo.*
+
+    from transformers import PreTrainedModel
+
+    def full(self, *a, **k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    with pytest.raises(RunDirError, match=r"cannot write .*orpo-solo: no space left on the device"):
+        run(tmp_path, tiny_model_dir, algo="orpo", max_steps=1)
+    assert not [p for p in models.iterdir() if p.name.startswith(".")]
+
+
+def test_dpo_reference_cache_is_verified_and_recomputed_when_damaged(tmp_path, tiny_model_dir):
+    """The cache carries its sha256 record: +50 on ref_chosen (the issue's repro: loss 20 trained silently) or a
+    truncated file is recomputed with a note, and DPO's first loss is log 2 again."""
+    run(tmp_path, tiny_model_dir, algo="dpo")
+    (cache,) = (tmp_path / "ref_logps").glob("*.parquet")
+    assert json.loads(Path(f"{cache}.json").read_text())["rows"] == 4
+    t = pa.parquet.read_table(cache)
+    bumped = t.set_column(
+        t.schema.get_field_index("ref_chosen"), "ref_chosen", pa.array([v + 50 for v in t["ref_chosen"].to_pylist()])
+    )
+    for damage in (lambda: pa.parquet.write_table(bumped, cache), lambda: os.truncate(cache, 100)):
+        damage()
+        res = run(tmp_path, tiny_model_dir, algo="dpo")
+        assert any(f"DPO reference log-prob cache {cache} is damaged" in n for n in res["notes"]), res["notes"]
+        assert log_rows(res["model_path"])[0]["po_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_real_full_tmpfs_at_a_checkpoint_and_at_the_final_save(tmp_path, tiny_model_dir):
+    """On a real full disk torch.save raises its errno-less zip-writer RuntimeError (also through a Python file):
+    the free space left decides, and the message is the storage one. Needs root for a small tmpfs."""
+    import subprocess
+
+    for size, kw, where in (
+        ("30m", {"save_steps": 1, "max_steps": 2}, "step-1"),
+        ("8m", {"save_steps": 0}, "orpo-solo"),
+    ):
+        d = tmp_path / size
+        d.mkdir()
+        if (
+            os.geteuid() != 0
+            or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)]).returncode
+        ):
+            pytest.skip("needs root to mount a small tmpfs")
+        try:
+            with pytest.raises(
+                RunDirError, match=rf"cannot write .*{where}: no space left on the device.*rerun the same"
+            ):
+                run(d, tiny_model_dir, algo="orpo", **kw)
+            assert [p.relative_to(d).as_posix() for p in d.rglob("*") if p.name.startswith((".", "step-"))] == []
+        finally:
+            subprocess.run(["umount", "-l", str(d)], check=True)  # lazy: the failed writer may hold a file until gc

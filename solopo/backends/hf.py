@@ -1,5 +1,5 @@
-"""The transformers fallback: batched `generate` with a per-row seeded (Gumbel) sampler, so that a prompt's samples
-depend on its seed alone, never on its batch neighbours."""
+"""The transformers fallback: batched `generate` with a per-row seeded sampler, so that a prompt's samples depend on
+its seed alone, never on its batch neighbours."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class TransformersBackend(_ChatBackend):
     prefill="shared" (auto on CPU): each prompt is prefilled once and its KV cache repeated for its n samples
     (n times less prompt compute, what a CPU is short of). prefill="batched" (auto on CUDA): prompts x n rows go
     to `generate` as they are, one call filling batch_size (a GPU prefills the copies in parallel and skips the
-    extra forward and cache copy). Both draw the same samples: sampling is seeded per row (see _GumbelSampler).
+    extra forward and cache copy). Both draw the same samples: sampling is seeded per row (see _SeededSampler).
     """
 
     name = "transformers"
@@ -41,6 +41,7 @@ class TransformersBackend(_ChatBackend):
         prefill: Literal["auto", "shared", "batched"] = "auto",
         threads: int | None = None,
         note: Callable[[str], None] | None = None,
+        reproducible: bool = False,
         **_: Any,
     ):
         import torch
@@ -57,7 +58,9 @@ class TransformersBackend(_ChatBackend):
 
             self.settings["threads"] = set_torch_threads(threads)
             self.settings["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset (spin)")
-        if dtype == "auto":
+        if dtype == "auto" and reproducible:
+            torch_dtype = torch.float32  # bf16 logits depend on the batch (issue 22: 10/12 samples alone vs batched)
+        elif dtype == "auto":
             # bf16 on GPU and on CPUs with bf16 matrix units; fp32 on other CPUs, where bf16 is emulated.
             from solopo.hardware import cpu_has_native_bf16
 
@@ -70,7 +73,7 @@ class TransformersBackend(_ChatBackend):
             model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.dtype = self.effective_dtype = str(torch_dtype).removeprefix("torch.")
         self.batch_size = max(1, batch_size or (32 if on_cpu else 512))
         gc = self.model.generation_config
         eos = gc.eos_token_id if gc.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -118,8 +121,8 @@ class TransformersBackend(_ChatBackend):
             for row, i in enumerate(group):
                 input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
                 attn[row, width - len(ids[i]) :] = 1
-            # Greedy decoding throughout: sampling is argmax over logits + seeded Gumbel noise (exact
-            # sampling from the tempered, top-p-filtered softmax), so no global RNG is involved.
+            # Greedy decoding throughout: sampling is a seeded inverse-CDF draw from the tempered, top-p-filtered
+            # softmax (_SeededSampler), which generate's argmax then emits; no global RNG is involved.
             gen_kw: dict[str, Any] = dict(
                 max_new_tokens=max_tokens,
                 pad_token_id=self.pad_id,
@@ -129,13 +132,15 @@ class TransformersBackend(_ChatBackend):
                 top_p=None,
                 top_k=None,
             )
+            guard = _RowGuard(len(group) * n_gen)  # counts rows whose logits are NaN/inf (a broken checkpoint)
+            procs: list[Any] = [guard]
             if not greedy:
-                procs: list[Any] = [TemperatureLogitsWarper(temperature)]
+                procs.append(TemperatureLogitsWarper(temperature))
                 if top_p < 1.0:
                     procs.append(TopPLogitsWarper(top_p))
                 keys = [sample_key(seeds[i], j) for i in group for j in range(n_gen)]  # rows in output order
-                procs.append(_GumbelSampler(keys, prompt_width=width, device=self.device))
-                gen_kw["logits_processor"] = LogitsProcessorList(procs)
+                procs.append(_SeededSampler(keys, prompt_width=width, device=self.device))
+            gen_kw["logits_processor"] = LogitsProcessorList(procs)
             input_ids, attn = input_ids.to(self.device), attn.to(self.device)
             with torch.inference_mode():
                 if n_gen > 1 and self.prefill == "shared":
@@ -151,14 +156,16 @@ class TransformersBackend(_ChatBackend):
             for row, i in enumerate(group):
                 gens = []
                 for j in range(n):
-                    seq = new[row * n_gen + (j if n_gen > 1 else 0)].tolist()
+                    r = row * n_gen + (j if n_gen > 1 else 0)
+                    seq = new[r].tolist()
                     stop_at = next((k for k, t in enumerate(seq) if t in self.eos_ids), None)
                     if stop_at is None:
                         body, reason, count = seq, "length", len(seq)
                     else:
                         body, reason, count = seq[:stop_at], "stop", stop_at + 1
                     text = self.tokenizer.decode(body, skip_special_tokens=True)
-                    gens.append(Generation(text=text, finish_reason=reason, num_tokens=count))
+                    finite = not bool(guard.nonfinite_rows[r])
+                    gens.append(Generation(text=text, finish_reason=reason, num_tokens=count, finite=finite))
                     tokens += count
                 results[i] = gens
             if progress is not None:
@@ -220,13 +227,40 @@ def _mix64_t(z: Any) -> Any:
     return z ^ srl(z, 31)
 
 
-class _GumbelSampler:
-    """A logits processor that turns greedy decoding into seeded sampling, one stream per row.
+class _RowGuard:
+    """A logits processor that flags rows with non-finite scores (NaN/inf logits, every token filtered) and
+    replaces them with zeros, so that greedy argmax and the sampler never read NaN; the backend reports them."""
 
-    argmax(scores + g) with g ~ Gumbel(0, 1) i.i.d. is an exact draw from softmax(scores) (the Gumbel-max
-    trick); -inf scores (top-p filtered) stay impossible. The uniforms come from a counter-based hash of
-    (row key, decode step, token id), so a row's samples do not depend on which rows share its batch, on the
-    batch size, on how the prompt was prefilled, or on torch's global RNG (which another library may reseed).
+    def __init__(self, rows: int):
+        import torch
+
+        self.nonfinite_rows = torch.zeros(rows, dtype=torch.bool)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        bad = ~torch.isfinite(scores.amax(-1))  # NaN propagates through amax; all -inf -> -inf; +inf overflow
+        if not bad.any():
+            return scores
+        self.nonfinite_rows |= bad.cpu()
+        return torch.where(bad[:, None], 0.0, scores)
+
+
+class _SeededSampler:
+    """A logits processor that turns greedy decoding into seeded sampling, one random stream per row.
+
+    Inverse-CDF sampling: one uniform u in [0, 1) per (row, decode step), from a counter-based hash of (row key,
+    step), picks the token whose cumulative probability interval holds u * total mass (float64 softmax and
+    cumsum). A token of probability 0 (a -inf score: top-p filtered) has an empty interval and can never be
+    drawn. A row's draws do not depend on which rows share its batch, on the batch size, on how the prompt was
+    prefilled, or on torch's global RNG (which another library may reseed).
+
+    Returns scores that are 0 at the drawn token and -inf elsewhere, so generate's argmax emits it. Scores must be
+    finite somewhere in each row (_RowGuard runs first).
+
+    Why not Gumbel-max: argmax(scores + Gumbel noise) needs one uniform per token (49K per row and step for
+    SmolLM2), which cost ~0.15 s per decode step of 32 rows on 2 cores, and its float32 uniforms rounded to
+    1.0 (noise +inf) in 0.29% of row-steps, emitting filtered tokens (issue 22).
     """
 
     def __init__(self, keys: list[int], prompt_width: int, device: Any):
@@ -235,13 +269,40 @@ class _GumbelSampler:
         self.keys = torch.tensor(keys, dtype=torch.long, device=device)  # (rows,)
         self.width = prompt_width
 
+    def uniforms(self, step: int) -> Any:
+        """u in [0, 1) per row for one decode step: 52 hash bits / 2^52 (exact in float64, never 1.0)."""
+        import torch
+
+        z = _mix64_t(self.keys + _signed(step * _C1))  # (rows,)
+        return ((z >> 12) & ((1 << 52) - 1)).to(torch.float64) / float(1 << 52)
+
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
         step = input_ids.shape[1] - self.width  # 0 for the first generated token
-        rows, vocab = scores.shape
-        base = _mix64_t(self.keys + _signed(step * _C1))  # (rows,)
-        tok = torch.arange(vocab, dtype=torch.long, device=scores.device)
-        z = _mix64_t(base[:, None] + tok[None, :])  # (rows, vocab)
-        u = (((z >> 40) & ((1 << 24) - 1)).to(torch.float32) + 0.5) / float(1 << 24)  # in (0, 1)
-        return scores + (-torch.log(-torch.log(u))).to(scores.dtype)
+        p = torch.softmax(scores, dim=-1, dtype=torch.float64)  # float64: cumsum error ~1e-12 over 49K tokens
+        idx = inverse_cdf(p, self.uniforms(step))  # (rows,)
+        out = torch.full_like(scores, -torch.inf)
+        return out.scatter_(-1, idx[:, None], 0.0)
+
+
+def inverse_cdf(p: Any, u: Any) -> Any:
+    """Token index per uniform: the first token whose cumulative probability exceeds u * total mass.
+
+    p: (rows, vocab) with u: (rows,), one draw per row; or p: (vocab,) with u: (draws,), many draws from one
+    distribution. A token of probability 0 has an empty interval (its cdf equals its predecessor's) and is never
+    returned; a target that rounds up to the total mass returns the last token of nonzero probability.
+    """
+    import torch
+
+    cdf = p.cumsum(-1)
+    target = u * cdf[..., -1]
+    if p.dim() == 2:
+        idx = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    else:
+        idx = torch.searchsorted(cdf, target, right=True)
+    over = idx >= p.shape[-1]
+    if over.any():
+        pos = torch.arange(p.shape[-1], device=p.device)
+        idx = torch.where(over, torch.where(p > 0, pos, -1).amax(-1), idx)
+    return idx

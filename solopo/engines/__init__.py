@@ -1,6 +1,8 @@
 """Where generation runs: `local` (one process, the backend of solopo.backends) or `ray` (Ray Data over
 replicas of that backend, on one node's GPUs or a cluster's). Stages pick one with `open_backend`; both give
-the Backend interface, and both give the same samples for the same seeds (seeds are per prompt).
+the Backend interface and seed per prompt. Whether both give the same samples depends on the backend: the
+transformers backend in fp32 does (its draws do not depend on the batch); vLLM does not (its logits depend on
+the batch a prompt shares, and Ray decides the batches' replicas). README: Reproducibility.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Layout: `replicas` actors, each holding one backend. On a cluster with GPUs a re
 `tensor_parallel_size` GPUs (1 GPU: `num_gpus=1`; more: a STRICT_PACK placement group that vLLM's workers
 join); on a CPU-only cluster it takes `cpus_per_replica` CPUs and that many torch threads.
 
-Results do not depend on the layout: every prompt carries its own seed, and the backends seed per prompt, so
-the replica a prompt lands on and its batch neighbours do not change its samples.
+Every prompt carries its own seed. With the transformers backend in fp32 that makes the samples those of
+engine=local whatever the layout (tests/test_ray.py); with bf16, or with vLLM, a prompt's logits depend on the
+batch it shares, so the layout and Ray's scheduling change some samples (README: Reproducibility).
 
 Failures: a replica call that raises is retried by Ray (`max_retries` times, also when the actor process
 dies); when it keeps failing, the caller gets a SolopoError with the replica's own error, not Ray's stack.
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +41,7 @@ log = logging.getLogger("solopo")
 
 RAY_INSTALL = 'pip install "solopo[ray]"'
 CONNECT_TIMEOUT_S = 5.0
+SLOW_CONNECT_NOTICE_S = 5.0
 
 
 class RayEngineError(SolopoError):
@@ -119,6 +122,13 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
         if target != "auto":
             _check_reachable(target, given=address)
         kw["address"] = target
+    where = kw.get("address") or "a new local Ray"
+    # Joining a cluster that is slow to answer takes up to ~20 s of Ray's own retries: say what the wait is.
+    waiting = threading.Timer(
+        SLOW_CONNECT_NOTICE_S, lambda: log.info("trying to reach %s (ray_address %r) ...", where, address)
+    )
+    waiting.daemon = True
+    waiting.start()
     try:
         ray.init(**kw)
     except ConnectionError as e:
@@ -126,6 +136,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             f"could not join a Ray cluster at ray_address {address!r}: {e} Start one with `ray start --head` "
             "(and `ray start --address=HEAD_IP:6379` on the other nodes), or leave ray_address empty for a local Ray"
         ) from None
+    finally:
+        waiting.cancel()
     return True
 
 
@@ -183,6 +195,7 @@ class Replica:
                 "finish_reasons": pa.array([[g.finish_reason for g in gens] for gens in outs], pa.list_(pa.string())),
                 "num_tokens": pa.array([[g.num_tokens for g in gens] for gens in outs], pa.list_(pa.int32())),
                 "replica": pa.array([self.where] * len(prompts), pa.string()),
+                "dtype": pa.array([self.backend.effective_dtype] * len(prompts), pa.string()),
             }
         )
 
@@ -255,7 +268,9 @@ class RayDataBackend:
         if name == "auto" and ctx_note is not None:
             ctx_note(f"backend auto -> {self.name} on every Ray replica (resolved on the driver)")
         self.model_path, self.layout = model_path, layout
-        self.opts = dict(opts)  # seed included: vLLM's engine seed, as in engine=local
+        # seed included: vLLM's engine seed, as in engine=local. Not log_file: a replica's output is Ray's to
+        # collect (its worker logs), and the driver's run dir need not exist on the replica's node.
+        self.opts = {k: v for k, v in opts.items() if k != "log_file"}
         if self.name == "transformers" and layout.tensor_parallel_size > 1:
             raise RayEngineError("tensor_parallel_size > 1 needs the vllm backend (transformers runs on one device)")
         self.started = connect(layout.address, num_cpus=None)
@@ -287,6 +302,7 @@ class RayDataBackend:
             limit = min(limit or opts["max_model_len"], opts["max_model_len"])
         self._max_context = limit
         self.dtype = opts.get("dtype", "auto") + " (resolved on each replica)"
+        self.effective_dtype = self.dtype  # until a replica reports the dtype it runs in
 
     # --- Backend interface -------------------------------------------------------------------------
     @property
@@ -320,6 +336,9 @@ class RayDataBackend:
         if self.started:
             import_ray().shutdown()
             self.started = False
+
+    def _dtypes_seen(self) -> set[str]:
+        return set() if "resolved on each replica" in self.effective_dtype else set(self.effective_dtype.split(","))
 
     # --- streaming ----------------------------------------------------------------------------------
     def batch_prompts(self, n: int) -> int:
@@ -396,6 +415,7 @@ class RayDataBackend:
                 except ray.exceptions.RayError as e:  # a replica's error, wrapped by Ray Data and Ray Core
                     raise replica_error(e) from None
                 keys = out.column("key").to_pylist()
+                self.effective_dtype = ",".join(sorted(set(out.column("dtype").to_pylist()) | self._dtypes_seen()))
                 texts = out.column("texts").to_pylist()
                 reasons = out.column("finish_reasons").to_pylist()
                 toks = out.column("num_tokens").to_pylist()

@@ -1,6 +1,7 @@
 """Typed configuration: one frozen pydantic model per stage, composed into the run config.
 
-Order of precedence: defaults < preset < config file (YAML or TOML) < CLI overrides.
+Order of precedence: defaults < the run dir's config.yaml (commands) < preset < config file (YAML or TOML) <
+CLI overrides (--set, then named flags).
 Unknown keys are rejected and every problem is reported at once (torchtune-style).
 """
 
@@ -30,8 +31,12 @@ _LEN_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
 
 def parse_length(value: int | str) -> int:
     """'8k' -> 8192, '1.5k' -> 1536, '32K' -> 32768, 4000 -> 4000 (RULER's power-of-two convention)."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a length: {value!r}")
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"not a length: {value!r} (use e.g. 8k, 16k, 4096)")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"not a whole number of tokens: {value!r} (use e.g. 8k, 1.5k or 4096)")
+        value = int(value)
     if isinstance(value, int):
         if value <= 0:
             raise ValueError(f"length must be positive, got {value}")
@@ -40,6 +45,8 @@ def parse_length(value: int | str) -> int:
     if not m:
         raise ValueError(f"not a length: {value!r} (use e.g. 8k, 16k, 4096)")
     num, unit = float(m.group(1)), m.group(2).lower()
+    if not unit and not num.is_integer():
+        raise ValueError(f"not a whole number of tokens: {value!r} (use e.g. 8k, 1.5k or 4096)")
     mult = {"": 1, "k": 1024, "m": 1024 * 1024}[unit]
     out = int(round(num * mult))
     if out <= 0:
@@ -48,11 +55,16 @@ def parse_length(value: int | str) -> int:
 
 
 def parse_lengths(value: Any) -> list[int]:
-    """'4k,8k' or ['4k', 8192] or 8192 -> sorted unique token lengths."""
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
+    """'4k,8k' or ['4k', 8192] or 8192 -> sorted unique token lengths. Anything else (an empty `key:` in YAML,
+    `--set x=`, true, 1.5) is a ValueError, which pydantic reports as a config problem naming the key."""
+    if value is None:
+        raise ValueError("a length is required (e.g. 8k or 4k,8k), got nothing")
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         items = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
-    else:
+    elif isinstance(value, (list, tuple)):
         items = list(value)
+    else:
+        raise ValueError(f"not a length or list of lengths: {value!r} (use e.g. 8k or 4k,8k)")
     out = sorted({parse_length(v) for v in items})
     if not out:
         raise ValueError("at least one length is required")
@@ -187,22 +199,66 @@ def _format_errors(err: ValidationError) -> list[str]:
             msg = f"unknown key{known}"
         elif e["type"] == "finite_number":
             msg = f"must be a finite number, got {e['input']!r}"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         out.append(f"{loc}: {msg}")
     return out
 
 
-def build_config(
+SAVED_CONFIG = "config.yaml"  # a run dir's settings, written by every command that runs stages in it
+
+
+def _layer_run_dir(over: dict[str, Any], file_data: dict[str, Any], preset: str | None) -> str:
+    """The run dir a command will use: flags/--set, else the config file, else the preset, else the default.
+    An empty one would write stages (and config.yaml) into the current directory: refused."""
+    for layer in (over, file_data, PRESETS.get(preset or "", {})):
+        run = layer.get("run")
+        if isinstance(run, dict) and "run_dir" in run:
+            value = run["run_dir"]
+            break
+    else:
+        value = RunSettings().run_dir
+    if value is None or not str(value).strip():
+        raise ConfigError(
+            [
+                "run.run_dir is empty: it would write stages and config.yaml into the current directory; "
+                "pass a directory, e.g. --run-dir runs/mine (or --run-dir . to use this one on purpose)"
+            ]
+        )
+    return str(value)
+
+
+def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run dir's saved settings (its config.yaml) as a layer, or None when it has none. `run.run_dir` is left
+    out (a copied or moved run dir is wherever it is now); `run.preset` stays a label of where the saved values came
+    from (never applied again: they are in the file). A saved file that no longer validates is a ConfigError."""
+    path = Path(run_dir) / SAVED_CONFIG
+    if not path.is_file():
+        return None
+    data = read_config_file(path)
+    run = data.get("run") or {}
+    data["run"] = {k: v for k, v in run.items() if k != "run_dir"}
+    try:
+        config_model().model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(
+            [*_format_errors(e), f"fix {path} by hand or delete it (the run dir then starts from the defaults)"],
+            source=f"{path} (the run dir's saved settings)",
+        ) from None
+    return data
+
+
+def config_layers(
     file: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     preset: str | None = None,
-) -> BaseModel:
-    """Resolve defaults < preset < file < overrides into a validated, frozen config."""
-    raw: dict[str, Any] = {}
-    source = None
+    run_dir_layer: bool = False,
+) -> list[tuple[str, dict[str, Any]]]:
+    """The layers of a resolved config, lowest first, each named by where it came from:
+    defaults < the run dir's config.yaml (`run_dir_layer`) < preset < file < overrides (--set, then flags)."""
     file_data: dict[str, Any] = {}
     if file is not None:
         file_data = read_config_file(file)
-        source = str(file)
     over: dict[str, Any] = {}
     if isinstance(overrides, dict):
         over = copy.deepcopy(overrides)
@@ -212,17 +268,64 @@ def build_config(
             set_nested(over, parts, value)
     preset = preset or over.get("run", {}).get("preset") or file_data.get("run", {}).get("preset")
     sections()  # registers presets too
+    if preset and preset not in PRESETS:
+        raise ConfigError([f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS)) or 'none'}"])
+    layers: list[tuple[str, dict[str, Any]]] = [("defaults", {})]
+    if run_dir_layer:
+        rd = _layer_run_dir(over, file_data, preset)
+        saved = saved_settings(rd)
+        if saved is not None:
+            layers.append((f"{Path(rd) / SAVED_CONFIG} (the run dir's settings)", saved))
     if preset:
-        if preset not in PRESETS:
-            raise ConfigError([f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS)) or 'none'}"])
-        _deep_merge(raw, PRESETS[preset])
-        _deep_merge(raw, {"run": {"preset": preset}})
-    _deep_merge(raw, file_data)
-    _deep_merge(raw, over)
+        layers.append((f"preset {preset}", _deep_merge(copy.deepcopy(PRESETS[preset]), {"run": {"preset": preset}})))
+    if file is not None:
+        layers.append((f"file {file}", file_data))
+    if over:
+        layers.append(("--set / options", over))
+    return layers
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    preset: str | None = None,
+    run_dir_layer: bool = False,
+) -> BaseModel:
+    """Resolve defaults < [the run dir's config.yaml] < preset < file < overrides into a validated, frozen config.
+    The CLI sets `run_dir_layer`: a later command in a run dir starts from the settings of the earlier ones."""
+    layers = config_layers(file, overrides, preset, run_dir_layer)
+    raw: dict[str, Any] = {}
+    for _, data in layers:
+        _deep_merge(raw, data)
+    _layer_run_dir(raw, {}, None)  # the API path too: never an empty run dir
     try:
         return config_model().model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e), source=source) from None
+        raise ConfigError(_format_errors(e), source=str(file) if file is not None else None) from None
+
+
+def provenance(layers: list[tuple[str, dict[str, Any]]]) -> dict[str, str]:
+    """section.key -> the layer that last changed its resolved value (keys at their default are not listed)."""
+    out: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    defaults = before = config_to_dict(config_model().model_validate({}))
+    for name, data in layers[1:]:
+        _deep_merge(raw, data)
+        try:
+            now = config_to_dict(config_model().model_validate(raw))
+        except ValidationError:
+            continue  # only valid once a later layer completes it: attributed to that layer
+        for section, values in now.items():
+            for k, v in values.items():
+                if before.get(section, {}).get(k) != v:
+                    out[f"{section}.{k}"] = name
+        before = now
+
+    def value(cfg: dict[str, Any], key: str) -> Any:
+        section, leaf = key.split(".", 1)
+        return cfg[section][leaf]
+
+    return {k: v for k, v in out.items() if value(before, k) != value(defaults, k)}
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

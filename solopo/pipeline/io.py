@@ -120,6 +120,12 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 20) -> dict[str,
 _SMALL = 8 << 20  # files below this are hashed whole
 
 
+def is_document(name: str) -> bool:
+    """Hand-editable documents (data and model cards, report.md): never part of a cache key or an integrity
+    check, so editing one reruns nothing. Only data files (tables, weights, configs) decide what is redone."""
+    return name.lower().endswith(".md")
+
+
 def _safetensors_header(path: Path) -> bytes:
     """The JSON header of a .safetensors file (tensor names, dtypes, shapes, offsets); b"" if unreadable."""
     try:
@@ -138,9 +144,9 @@ def dir_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     h = hashlib.sha256()
     for p in sorted(path.rglob("*")):
-        if not p.is_file():
-            continue
         rel = p.relative_to(path).as_posix()
+        if not p.is_file() or is_document(rel):
+            continue
         st = p.stat()
         if st.st_size < _SMALL:
             h.update(f"{rel}:{st.st_size}\n".encode())
@@ -196,6 +202,25 @@ def check_output(path: str | os.PathLike, record: dict[str, Any]) -> str | None:
     if now["sha256"] != record.get("sha256"):
         return f"{path} changed since it was written (sha256 differs from the manifest)"
     return None
+
+
+def path_in_run(path: str | os.PathLike, run_dir: str | os.PathLike) -> str:
+    """How a run dir stores a path: relative to the run dir when it lies inside it (a copied or moved run dir
+    then still points at its own files), else as given (a base model, a hub id, another dir)."""
+    p, root = Path(path), Path(run_dir)
+    try:
+        return p.resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return str(path)
+
+
+def resolve_in_run(stored: str, run_dir: str | os.PathLike) -> str:
+    """The usable path of one `path_in_run` stored: relative ones are under the run dir; absolute ones (and
+    hub ids, which never exist locally) stay as they are."""
+    p = Path(stored)
+    if p.is_absolute() or not (Path(run_dir) / p).exists():
+        return stored
+    return str(Path(run_dir) / p)
 
 
 def stable_hash(obj: Any) -> str:

@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,17 @@ import pyarrow as pa
 
 from .config import config_to_dict, dump_config
 from .errors import ConfigError, SolopoError
-from .io import check_output, output_record, read_json, read_parquet, stable_hash, write_json, write_parquet, write_text
+from .io import (
+    check_output,
+    is_document,
+    output_record,
+    read_json,
+    read_parquet,
+    stable_hash,
+    write_json,
+    write_parquet,
+    write_text,
+)
 from .lock import run_dir_lock
 from .stage import STAGES, Stage, StageContext
 
@@ -56,15 +67,31 @@ def stage_dir(run_dir: str | Path, name: str) -> Path:
     return Path(run_dir) / name
 
 
+def read_marker(path: Path) -> str | None:
+    """The key in a `_SUCCESS` marker, or None when there is no readable marker file (missing, a directory,
+    unreadable): a stage counts as finished only with a marker file."""
+    try:
+        return path.read_text().strip() if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove_marker(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # a `_SUCCESS` directory (made by hand or a bad copy) is no marker either
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def is_done(run_dir: str | Path, name: str) -> bool:
-    return (stage_dir(run_dir, name) / "_SUCCESS").exists()
+    return read_marker(stage_dir(run_dir, name) / "_SUCCESS") is not None
 
 
 def load_output(run_dir: str | Path, name: str) -> pa.Table:
     """A finished stage's table, after checking it against its manifest (a damaged file is an error here:
     the executor reruns damaged stages before anything reads them)."""
     d = stage_dir(run_dir, name)
-    if not (d / "_SUCCESS").exists():
+    if read_marker(d / "_SUCCESS") is None:
         raise SolopoError(f"stage '{name}' has not finished in {run_dir}; run it first (e.g. `solopo run-all`)")
     # An upstream dir without a manifest (made by hand, or by a test) is read if its table is readable.
     problem = verify_outputs(d, only="data.parquet", require_manifest=False)
@@ -88,7 +115,24 @@ def read_manifest(out_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path} is unreadable ({type(e).__name__}: {e})"
     if not isinstance(m, dict):
         return None, f"{path} does not hold a JSON object"
+    for field, kinds in _MANIFEST_FIELDS.items():
+        if field in m and m[field] is not None and not isinstance(m[field], kinds):
+            return None, f"{path}: field '{field}' is a {type(m[field]).__name__}, not a {kinds[0].__name__}"
     return m, None
+
+
+# Fields readers rely on, with their JSON types: a hand-edited or foreign manifest is damaged, not a crash.
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    **{
+        k: (dict,)
+        for k in ("config", "run", "upstream", "fingerprint", "drops", "drop_examples", "stats", "timings", "outputs")
+    },
+    "notes": (list,),
+    "columns": (list,),
+    "key": (str,),
+    "rows_in": (int,),
+    "rows_out": (int,),
+}
 
 
 # Not recorded as outputs: resumable work in progress and caches a stage keys and checks itself.
@@ -111,7 +155,10 @@ def record_outputs(out_dir: Path, since: float, amendable: tuple[str, ...] = ())
             or any(rel.match(g) for g in amendable)
         ):
             continue
-        out[rel.as_posix()] = output_record(p)
+        # Documents are listed (size only): editing a card or report.md must not look like damage.
+        out[rel.as_posix()] = (
+            {"bytes": p.stat().st_size, "hash": "none (document)"} if is_document(rel.as_posix()) else output_record(p)
+        )
     return out
 
 
@@ -125,9 +172,9 @@ def verify_outputs(
         m, problem = {}, None
     if problem:
         return problem
-    marker = out_dir / "_SUCCESS"
-    if "key" in m and marker.exists() and marker.read_text().strip() != m["key"]:
-        return f"{out_dir / 'manifest.json'} belongs to another run than {marker} (keys differ)"
+    marker = read_marker(out_dir / "_SUCCESS")
+    if "key" in m and marker is not None and marker != m["key"]:
+        return f"{out_dir / 'manifest.json'} belongs to another run than {out_dir / '_SUCCESS'} (keys differ)"
     outputs = m.get("outputs")
     if not isinstance(outputs, dict):  # a manifest written before output records: at least a readable table
         data = out_dir / "data.parquet"
@@ -139,8 +186,10 @@ def verify_outputs(
             return f"{data} is unreadable ({e})"
         return None
     for rel, rec in outputs.items():
-        if only is not None and rel != only:
-            continue
+        if (only is not None and rel != only) or is_document(rel):
+            continue  # hand-editable documents (cards, report.md) are the user's to edit
+        if not isinstance(rec, dict):
+            return f"{out_dir / 'manifest.json'}: the record of {rel} is not an object"
         path = out_dir / rel
         if quick:
             if not path.is_file():
@@ -154,40 +203,65 @@ def verify_outputs(
     return None
 
 
-def stage_status(run_dir: str | Path, name: str, config: Any | None = None) -> dict[str, Any]:
-    """What `solopo status` shows for one stage: state in done | stale | damaged | partial | -, a detail,
-    and the manifest. stale: the stage's config differs from `config`, or its input is no longer the
-    output it was built from (an upstream stage reran). Model/file fingerprints are not recomputed here."""
-    d = stage_dir(run_dir, name)
-    marker = d / "_SUCCESS"
-    if not marker.exists():
-        if (d / "shards").exists():
-            n = len(list((d / "shards").glob("part-*.json")))
-            return {"state": "partial", "detail": f"{n} shard(s) finished; rerun the command to resume"}
-        return {"state": "-", "detail": ""}
-    problem = verify_outputs(d, quick=True)
-    m, _ = read_manifest(d)
-    if problem or m is None:
-        return {"state": "damaged", "detail": f"{problem}; the next run reruns it"}
-    up = m.get("upstream") or {}
-    if up.get("stage"):
-        up_marker = stage_dir(run_dir, up["stage"]) / "_SUCCESS"
-        if not up_marker.exists():
-            return {"state": "stale", "detail": f"its input stage '{up['stage']}' is gone", "manifest": m}
-        if up_marker.read_text().strip() != up.get("key"):
-            return {"state": "stale", "detail": f"'{up['stage']}' reran since; rerun to update", "manifest": m}
-    if config is not None and hasattr(config, name):
-        from .config import config_to_dict
+@dataclass
+class StagePlan:
+    """What the next run does with one stage, decided before anything runs.
+    action: cached | run (never finished) | resume (an unfinished run left work to resume) | rerun (finished with
+    other settings or inputs) | repair (its output is damaged) | force (--force)."""
 
-        now = config_to_dict(getattr(config, name))
-        was = m.get("config") or {}
-        changed = sorted(k for k in set(now) | set(was) if now.get(k) != was.get(k))
-        run = m.get("run") or {}
-        changed += [f"run.{k}" for k in ("model", "seed") if run.get(k) != getattr(config.run, k)]
-        if changed:
-            keys = ", ".join(c if c.startswith("run.") else f"{name}.{c}" for c in changed)
-            return {"state": "stale", "detail": f"config changed: {keys}", "manifest": m}
-    return {"state": "done", "detail": "", "manifest": m}
+    name: str
+    action: str
+    reason: str = ""
+    key: str = ""
+    manifest: dict[str, Any] | None = None
+    expensive: bool = False
+
+    @property
+    def redone(self) -> bool:
+        """True when a finished result of this stage would be replaced."""
+        return self.action in ("rerun", "repair", "force")
+
+    def recorded(self) -> str:
+        """'<rows> rows, <seconds> s' from the manifest of the finished run, for messages."""
+        m = self.manifest or {}
+        secs = (m.get("timings") or {}).get("seconds")
+        rows = m.get("rows_out", "?")
+        return f"{rows} rows, {_duration(secs)}" if isinstance(secs, (int, float)) else f"{rows} rows"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class RerunRefused(SolopoError):
+    """A command would replace finished expensive results (sample, train, eval) that nobody asked to redo."""
+
+
+def rerun_refusal(plans: list[StagePlan]) -> RerunRefused | None:
+    """The error for a command that would redo finished expensive stages without --rerun, else None."""
+    costly = [p for p in plans if p.action == "rerun" and p.expensive]
+    if not costly:
+        return None
+    # the cheaper stages whose changed settings cause it (load, synth...), named with their keys
+    causes = [p for p in plans if p.action == "rerun" and not p.expensive and not p.reason.startswith("its input")]
+    lines = [f"  - {p.name} ({p.recorded()}): {p.reason}" for p in costly]
+    why = "".join(f"\n  - {p.name}: {p.reason}" for p in causes)
+    return RerunRefused(
+        "this command would redo finished work (nothing was run):\n"
+        + "\n".join(lines)
+        + (f"\nbecause these settings changed:{why}" if why else "")
+        + "\n"
+        "Add --rerun to accept (these results are replaced); to keep them, leave those settings as the run dir has "
+        "them (`solopo config show --run-dir DIR` shows them) or use another --run-dir. `solopo status` shows "
+        "what a command would redo."
+    )
 
 
 class Pipeline:
@@ -221,13 +295,21 @@ class Pipeline:
         return {**STAGES, **{c.name: c for c in self.stage_classes}}
 
     # --- running ------------------------------------------------------------------------------
-    def run(self, force: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-        """Run every stage in order, holding the run dir's lock; returns {stage: summary}."""
+    def run(self, force: tuple[str, ...] = (), rerun: bool = True) -> dict[str, dict[str, Any]]:
+        """Run every stage in order, holding the run dir's lock; returns {stage: summary}. With rerun=False (the
+        CLI without --rerun) a run that would redo a finished expensive stage stops first (RerunRefused)."""
         self.check_chain()
         with run_dir_lock(self.run_dir):
+            plans = self.plan(force)
+            refusal = None if rerun else rerun_refusal(plans)
+            if refusal is not None:
+                raise refusal
+            for pl in plans:
+                if pl.action == "rerun":
+                    log.warning("[%s] rerunning (%s): %s", pl.name, pl.recorded(), pl.reason)
             write_text(dump_config(self.config), self.run_dir / "config.yaml")
             summaries: dict[str, dict[str, Any]] = {}
-            keys: dict[str, str] = {}
+            keys = {pl.name: pl.key for pl in plans}
             rebuilt: str | None = None  # a stage whose damaged output was rebuilt: what follows is rebuilt too
             for cls in self.stage_classes:
                 forced = cls.name in force or "all" in force
@@ -239,17 +321,103 @@ class Pipeline:
                     rebuilt = cls.name
             return summaries
 
+    def plan(self, force: tuple[str, ...] = (), quick: bool = True, strict: bool = True) -> list[StagePlan]:
+        """What a run would do with each stage and why, computed from the config, the fingerprints and the run
+        dir alone (nothing runs). `quick` checks recorded outputs by size (the run itself checks hashes).
+        strict=False (`solopo status`): a stage whose inputs cannot be fingerprinted is 'unknown', not an error."""
+        plans: list[StagePlan] = []
+        keys: dict[str, str] = {}
+        for cls in self.stage_classes:
+            stage_cfg = getattr(self.config, cls.name)
+            out_dir = stage_dir(self.run_dir, cls.name)
+            marker = read_marker(out_dir / "_SUCCESS")
+            m, _ = read_manifest(out_dir)
+            up = next((x for x in plans if x.name == cls.after), None)
+            try:
+                if up is not None and up.action == "unknown":
+                    raise SolopoError(f"its input '{up.name}' is unknown")
+                fingerprint = cls(stage_cfg, self._context(cls)).fingerprint()
+                upstream_key = self._upstream_key(cls, keys)
+            except (SolopoError, OSError) as e:
+                if strict:
+                    raise
+                plans.append(StagePlan(cls.name, "unknown", str(e), manifest=m, expensive=cls.expensive))
+                continue
+            key = keys[cls.name] = self._key(cls, upstream_key, fingerprint)
+            pl = StagePlan(cls.name, "cached", key=key, manifest=m, expensive=cls.expensive)
+            if cls.name in force or "all" in force:
+                pl.action, pl.reason = "force", "--force"
+            elif up is not None and up.action == "repair" and marker is not None:
+                pl.action, pl.reason = "repair", f"its input '{up.name}' is rebuilt from a damaged output"
+            elif marker is None:
+                progress = cls.progress(out_dir)
+                pl.action, pl.reason = ("resume", progress) if progress else ("run", "not run yet")
+            elif marker != key:
+                pl.action = "rerun"
+                pl.reason = self._changes(cls, stage_cfg, fingerprint, upstream_key, m, up)
+            else:
+                problem = verify_outputs(out_dir, quick=quick)
+                if problem:
+                    pl.action, pl.reason = "repair", problem
+            plans.append(pl)
+        return plans
+
+    def _key(self, cls: type[Stage], upstream_key: str | None, fingerprint: dict[str, Any]) -> str:
+        return stable_hash(
+            {
+                "stage": cls.name,
+                "version": cls.version,
+                "config": config_to_dict(getattr(self.config, cls.name)),
+                "run": {"model": self.config.run.model, "seed": self.config.run.seed},
+                "upstream": upstream_key,
+                "fingerprint": fingerprint,
+            }
+        )
+
+    def _changes(
+        self,
+        cls: type[Stage],
+        stage_cfg: Any,
+        fingerprint: dict[str, Any],
+        upstream_key: str | None,
+        m: dict[str, Any] | None,
+        up: StagePlan | None,
+    ) -> str:
+        """Why a finished stage's key changed: the settings that differ (was -> now), its inputs, its version."""
+        if m is None:
+            return "its manifest is unreadable, so its settings are unknown"
+        out = []
+        if str(m.get("version")) != str(cls.version):
+            out.append(f"stage version {m.get('version')} -> {cls.version}")
+        now, was = config_to_dict(stage_cfg), m.get("config") or {}
+        out += [f"{cls.name}.{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in now if now[k] != was.get(k)]
+        run = m.get("run") or {}
+        out += [
+            f"run.{k}: {_short(run.get(k))} -> {_short(getattr(self.config.run, k))}"
+            for k in ("model", "seed")
+            if run.get(k) != getattr(self.config.run, k)
+        ]
+        fp = m.get("fingerprint") or {}
+        changed = [k for k in sorted(set(fingerprint) | set(fp)) if fingerprint.get(k) != fp.get(k)]
+        if changed:
+            out.append(f"its inputs changed ({', '.join(changed)})")
+        if up is not None and up.action != "cached":
+            out.append(f"its input '{up.name}' is redone")
+        elif cls.after and (m.get("upstream") or {}).get("key") != upstream_key:
+            out.append(f"'{cls.after}' reran since")
+        return "; ".join(out) or "its settings changed"
+
     def _upstream_key(self, cls: type[Stage], keys: dict[str, str]) -> str | None:
         if cls.after is None:
             return None
         if cls.after in keys:
             return keys[cls.after]
-        marker = stage_dir(self.run_dir, cls.after) / "_SUCCESS"
-        if not marker.exists():
+        marker = read_marker(stage_dir(self.run_dir, cls.after) / "_SUCCESS")
+        if marker is None:
             raise SolopoError(
                 f"stage '{cls.name}' needs the output of '{cls.after}', which has not run in {self.run_dir}"
             )
-        return marker.read_text().strip()
+        return marker
 
     def _context(self, cls: type[Stage]) -> StageContext:
         out_dir = stage_dir(self.run_dir, cls.name)
@@ -261,22 +429,12 @@ class Pipeline:
         stage_cfg = getattr(self.config, cls.name)
         ctx = self._context(cls)
         stage = cls(stage_cfg, ctx)
-        upstream_key = self._upstream_key(cls, keys)
+        upstream_key = self._upstream_key(cls, {k: v for k, v in keys.items() if k != cls.name})
         fingerprint = stage.fingerprint()
-        key = stable_hash(
-            {
-                "stage": cls.name,
-                "version": cls.version,
-                "config": config_to_dict(stage_cfg),
-                "run": {"model": self.config.run.model, "seed": self.config.run.seed},
-                "upstream": upstream_key,
-                "fingerprint": fingerprint,
-            }
-        )
-        keys[cls.name] = key
+        key = keys[cls.name] = self._key(cls, upstream_key, fingerprint)
         marker = out_dir / "_SUCCESS"
         repaired = False
-        if not force and marker.exists() and marker.read_text().strip() == key:
+        if not force and read_marker(marker) == key:
             problem = verify_outputs(out_dir)
             if problem is None:
                 manifest = read_json(out_dir / "manifest.json")
@@ -284,8 +442,7 @@ class Pipeline:
                 return {"status": "cached", "rows": manifest.get("rows_out"), "seconds": 0.0, "dir": str(out_dir)}
             log.warning("[%s] cached output is damaged (%s): rerunning the stage", cls.name, problem)
             repaired = True
-        if marker.exists():
-            marker.unlink()  # stale or damaged: the output no longer matches the config
+        _remove_marker(marker)  # stale or damaged: the output no longer matches the config
         out_dir.mkdir(parents=True, exist_ok=True)
 
         data = None

@@ -80,10 +80,22 @@ class Stage:
     amendable: ClassVar[tuple[str, ...]] = ()
     # Upstream stage whose output is this stage's input; None = a source stage.
     after: ClassVar[str | None] = None
+    # Hours of GPU time (sampling, training, eval): a command never redoes a finished one unless asked (--rerun).
+    expensive: ClassVar[bool] = False
 
     def __init__(self, config: StageConfig, ctx: StageContext):
         self.config = config
         self.ctx = ctx
+
+    @classmethod
+    def progress(cls, out_dir: Path) -> str | None:
+        """What an unfinished run of this stage left in out_dir for the next run to resume, in words; None if
+        nothing. Default: the executor's finished shards."""
+        shards = out_dir / "shards"
+        if shards.is_dir():
+            n = len(list(shards.glob("part-*.json")))
+            return f"{n} shard(s) finished; rerun the command to resume"
+        return None
 
     def fingerprint(self) -> dict[str, Any]:
         """Extra inputs the output depends on (files, model dirs); part of the stage's cache key."""

@@ -145,7 +145,7 @@ class ExportStage(Stage):
 
         from solopo.models import resolve_model
 
-        path = resolve_model(self.ctx.run.model)
+        path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         self._tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.ctx.run.trust_remote_code)
 
     def run(self, data: pa.Table) -> pa.Table:

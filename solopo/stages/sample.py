@@ -10,12 +10,16 @@ empty with `on: short`). Sharded by input rows: a crash after 3 of 10 shards los
 
 engine: local runs the backend in this process, one shard after another; ray (solopo.engines.ray_data) runs
 `replicas` copies of it under Ray Data and gets every unfinished shard at once (`run_shards`), each written as
-soon as its last prompt returns. Seeds are per prompt (`job_seed`), so both engines give the same samples.
+soon as its last prompt returns. Seeds are per prompt (`job_seed`). What that makes reproducible (README:
+Reproducibility): the transformers backend in fp32 gives the same samples whatever the shards, batches or engine;
+vLLM gives the same samples on a rerun only with reproducible=true (in-process engine, fp32, and the fixed
+chunks of prompts below), and different ones when shard_size, n or the engine change the batches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +35,8 @@ from solopo.pipeline.io import dir_fingerprint
 from solopo.pipeline.stage import Stage
 
 from . import register
+
+log = logging.getLogger("solopo")
 
 PAPER_N, PAPER_TEMPERATURE = 32, 0.85
 
@@ -72,7 +78,12 @@ class SampleConfig(EngineConfig):  # + engine: local | ray, ray_address, replica
     on: Literal["short", "both"] = "short"
     seed: int | None = Field(default=None, description="None = run.seed")
     shard_size: int = Field(default=64, ge=1, description="input rows per resumable shard")
-    dtype: str = "auto"
+    dtype: str = Field(default="auto", description="auto: bf16 on GPUs and bf16 CPUs, else fp32 (fp32 if reproducible)")
+    reproducible: bool = Field(
+        default=False,
+        description="same samples on a rerun on this machine: fp32 (dtype auto), vLLM's engine in this process, "
+        "fixed batches (README: Reproducibility)",
+    )
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads for torch / vLLM's OpenMP; None = the usable physical cores"
     )
@@ -106,12 +117,17 @@ def job_seed(run_seed: int, qid: str, target_len: int | None) -> int:
 
 
 class TokenBar:
-    """Progress over prompts with the running tok/s; called as a backend's `progress(prompts_done, tokens)`."""
+    """Progress over prompts with the running tok/s; called as a backend's `progress(prompts_done, tokens)`.
+    One bar for the whole stage (issue 26.2): `initial` counts the prompts of shards finished before a resume."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, initial: int = 0):
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="prompt", dynamic_ncols=True)
+        # While the bar is open, log lines (the runner's "shard 2/2") print above it instead of onto its line.
+        self._logs = logging_redirect_tqdm()
+        self._logs.__enter__()
         self.t0, self.tokens = time.time(), 0
 
     def __call__(self, done: int, tokens: int) -> None:
@@ -121,6 +137,7 @@ class TokenBar:
 
     def close(self) -> None:
         self.bar.close()
+        self._logs.__exit__(None, None, None)
 
 
 def question_seed(run_seed: int, qid: str) -> int:
@@ -132,9 +149,10 @@ def question_seed(run_seed: int, qid: str) -> int:
 @register
 class SampleStage(Stage):
     name = "sample"
+    expensive = True  # hours of GPU time: never redone unasked (--rerun)
     Config = SampleConfig
     after = "synth"
-    version = "1"
+    version = "2"  # 2: the transformers sampler no longer emits filtered tokens (issue 22.1)
     reads = ("id", "question", "answers", "short_prompt", "long_prompt", "target_len")
     writes = (
         "id",
@@ -158,7 +176,7 @@ class SampleStage(Stage):
         from solopo.backends import resolve_backend_name
         from solopo.models import resolve_model
 
-        path = resolve_model(self.ctx.run.model)
+        path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         model = dir_fingerprint(path) if not _is_hub_id(path) else {"hub_id": path}
         # 'auto' resolves by what is installed: a machine with vLLM must not reuse transformers' samples.
         return {"model": model, "backend": resolve_backend_name(self.config.backend)}
@@ -174,12 +192,21 @@ class SampleStage(Stage):
                 f"sampling n={c.n} at T={c.temperature}, max_tokens={c.max_tokens} "
                 f"(paper: n={PAPER_N}, T={PAPER_TEMPERATURE})" + (f" from preset {preset}" if preset else "")
             )
+        if c.reproducible and c.engine == "ray":
+            self.ctx.note(
+                "reproducible=true with engine=ray: transformers replicas in fp32 give the same samples; vLLM "
+                "replicas do not (which replica gets which batch, and its prefix cache, vary between runs)"
+            )
+        log_file = self.ctx.out_dir / "vllm.log"
+        log_file.unlink(missing_ok=True)  # this run's engine output only
         self.backend = open_backend(
             c,
             c.backend,
-            resolve_model(self.ctx.run.model),
+            resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code),
             ctx_note=self.ctx.note,
             trust_remote_code=self.ctx.run.trust_remote_code,
+            log_file=log_file,
+            reproducible=c.reproducible,
             dtype=c.dtype,
             threads=c.threads,
             batch_size=c.batch_size,
@@ -194,11 +221,40 @@ class SampleStage(Stage):
         )
         self.ctx.stat("backend", self.backend.name)
         self.ctx.stat("engine", c.engine)
-        self.ctx.stat("dtype", getattr(self.backend, "dtype", "engine default"))
+        # What ran (issue 22.3), not the "auto" asked for; the eval stage reads the same attribute.
+        self.ctx.stat("dtype", getattr(self.backend, "effective_dtype", "not reported by the backend"))
+        self.ctx.stat("reproducible", c.reproducible)
+        if log_file.exists():
+            self.ctx.stat("vllm_log", log_file.name)
         for k, v in getattr(self.backend, "settings", {}).items():
             self.ctx.stat(f"backend_{k}", v)
 
+    def _stage_prompts(self) -> tuple[int, int]:
+        """(prompts of the whole input, prompts of shards already finished), from the upstream table's ids and
+        target lengths and the shard metas; before drops of over-long prompts, which the bar then never reaches."""
+        import pyarrow.parquet as pq
+
+        from solopo.pipeline.io import read_json
+        from solopo.pipeline.runner import stage_dir
+
+        try:
+            t = pq.read_table(stage_dir(self.ctx.run.run_dir, self.after) / "data.parquet", columns=["id"])
+        except (OSError, pa.ArrowInvalid):
+            return 0, 0
+        total = len(set(t.column("id").to_pylist())) + (t.num_rows if self.config.on == "both" else 0)
+        done = 0
+        for meta in sorted((self.ctx.out_dir / "shards").glob("part-*.json")):
+            try:
+                done += int(read_json(meta)["stats"].get("prompts", [0])[0])
+            except (OSError, ValueError, KeyError, IndexError, TypeError):
+                pass
+        return total, done
+
     def teardown(self) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
+            self._bar = None
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
@@ -213,28 +269,38 @@ class SampleStage(Stage):
         c = self.config
         questions, longs, jobs, prompt_len = self._plan(data)
         seed = self._seed()
-        progress = TokenBar(len(jobs), f"sample[{self.backend.name}]")
-        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call.
+        progress = self._stage_bar(len(jobs))
+        t0, tokens0 = time.time(), progress.tokens
+        # Chunks of prompts per backend call keep the bar moving on vLLM too; vLLM batches inside a call. The
+        # chunks are fixed by the shard's job order, so a rerun (or a resume) feeds vLLM the same batches.
         per_call = getattr(self.backend, "batch_size", 256)
         chunk = max(1, 256 // c.n) if self.backend.name == "vllm" else max(1, per_call // c.n) * 4
         gens: dict[tuple[str, int | None], list] = {}
-        try:
-            for start in range(0, len(jobs), chunk):
-                part = jobs[start : start + chunk]
-                outs = self.backend.generate(
-                    [p for _, _, p in part],
-                    n=c.n,
-                    temperature=c.temperature,
-                    top_p=c.top_p,
-                    max_tokens=c.max_tokens,
-                    seed=[job_seed(seed, qid, tl) for qid, tl, _ in part],
-                    progress=progress,
-                )
-                for (qid, tl, _), g in zip(part, outs, strict=True):
-                    gens[(qid, tl)] = g
-        finally:
-            progress.close()
-        return self._assemble(questions, longs, jobs, prompt_len, gens, progress.tokens, time.time() - progress.t0)
+        for start in range(0, len(jobs), chunk):
+            part = jobs[start : start + chunk]
+            outs = self.backend.generate(
+                [p for _, _, p in part],
+                n=c.n,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                max_tokens=c.max_tokens,
+                seed=[job_seed(seed, qid, tl) for qid, tl, _ in part],
+                progress=progress,
+            )
+            for (qid, tl, _), g in zip(part, outs, strict=True):
+                gens[(qid, tl)] = g
+        return self._assemble(questions, longs, jobs, prompt_len, gens, progress.tokens - tokens0, time.time() - t0)
+
+    def _stage_bar(self, shard_jobs: int, desc: str | None = None) -> TokenBar:
+        """The stage's one bar, made at its first shard and closed by teardown: its total counts every prompt of
+        the input (short prompts once per question, long ones with on=both), less shards finished before a
+        resume."""
+        bar = getattr(self, "_bar", None)
+        if bar is None:
+            total, done = self._stage_prompts()
+            desc = desc or f"sample[{self.backend.name}]"
+            bar = self._bar = TokenBar(max(total, done + shard_jobs), desc, initial=done)
+        return bar
 
     def streams_shards(self) -> bool:
         return self.config.engine == "ray"
@@ -273,19 +339,15 @@ class SampleStage(Stage):
 
         for i in [i for i, k in left.items() if k == 0]:
             yield i, finish(i)  # every prompt of the shard was dropped
-        desc = f"sample[ray {c.replicas}x {self.backend.name}]"
-        progress = TokenBar(len(jobs), desc)
-        try:
-            gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
-            for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
-                i, qid, tl = owner[key]
-                got[i][(qid, tl)] = g
-                shard_tokens[i] += sum(x.num_tokens for x in g)
-                left[i] -= 1
-                if left[i] == 0:
-                    yield i, finish(i)
-        finally:
-            progress.close()
+        progress = self._stage_bar(len(jobs), f"sample[ray {c.replicas}x {self.backend.name}]")
+        gen = dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_tokens=c.max_tokens)
+        for key, g in self.backend.stream(jobs, progress=progress, **gen):  # type: ignore[attr-defined]
+            i, qid, tl = owner[key]
+            got[i][(qid, tl)] = g
+            shard_tokens[i] += sum(x.num_tokens for x in g)
+            left[i] -= 1
+            if left[i] == 0:
+                yield i, finish(i)
         if got:
             raise SolopoError(f"engine ray: shards {sorted(got)} did not get all their prompts back (a bug)")
 
@@ -365,6 +427,7 @@ class SampleStage(Stage):
                     "long_samples": long_entries,
                 }
             )
+        self._check_outputs(gens)
         self.ctx.stat("questions", n_short, "sum")
         self.ctx.stat("prompts", len(jobs), "sum")
         self.ctx.stat("generated_tokens", tokens, "sum")
@@ -372,6 +435,27 @@ class SampleStage(Stage):
         self.ctx.stat("short_samples", n_short * c.n, "sum")
         self.ctx.stat("short_samples_truncated", n_trunc, "sum")
         return pa.Table.from_pylist(out, schema=SAMPLE_SCHEMA)
+
+    def _check_outputs(self, gens: dict[tuple[str, int | None], list]) -> None:
+        """Issue 21.9: a model whose logits are NaN decodes nothing but EOS (vLLM) or noise (transformers flags the
+        rows): count empty and non-finite samples, and stop when a whole shard has nothing else."""
+        every = [g for gs in gens.values() for g in gs]
+        empty = sum(not g.text.strip() for g in every)
+        nonfinite = sum(not getattr(g, "finite", True) for g in every)
+        self.ctx.stat("empty_samples", empty, "sum")
+        self.ctx.stat("nonfinite_logit_samples", nonfinite, "sum")
+        bad = sum((not g.text.strip()) or not getattr(g, "finite", True) for g in every)
+        if every and bad == len(every):
+            why = (
+                f"{nonfinite} of them met NaN/inf logits"
+                if nonfinite
+                else "the model ends every answer at once; NaN/inf logits do that in vLLM"
+            )
+            raise SolopoError(
+                f"all {len(every)} samples of this shard are empty or come from non-finite logits ({why}). "
+                f"Check the model's weights (e.g. load it in transformers and look at the logits of one prompt), "
+                f"or try sample.dtype=float32 if a reduced precision overflows"
+            )
 
     def _drop_too_long(self, jobs: list[tuple[str, int | None, str]]) -> list[tuple[str, int | None, str]]:
         """Drop prompts that leave no room for max_tokens in the model's context (vLLM would refuse them)."""
@@ -412,7 +496,17 @@ class SampleStage(Stage):
                 "first (group synth rows by id to avoid the extra work)"
             )
             table = table.take(keep)
+        if getattr(self, "backend", None) is not None and hasattr(self.backend, "effective_dtype"):
+            self.ctx.stat("dtype", self.backend.effective_dtype)  # engine=ray: known once replicas have answered
         stats = self.ctx.stats
+        total = stats.get("short_samples", 0) + sum(
+            len(x["samples"]) for r in table.column("long_samples").to_pylist() for x in r
+        )
+        for key, what in (("empty_samples", "empty"), ("nonfinite_logit_samples", "from NaN/inf logits")):
+            if stats.get(key):
+                msg = f"{stats[key]} of {total} samples are {what} (they select no pair)"
+                log.warning("%s", msg)
+                self.ctx.note(msg)
         if stats.get("generation_seconds"):
             self.ctx.stat("tokens_per_second", round(stats["generated_tokens"] / stats["generation_seconds"], 1))
             self.ctx.stat("questions_per_second", round(stats["questions"] / stats["generation_seconds"], 4))

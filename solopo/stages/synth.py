@@ -63,7 +63,7 @@ class SynthStage(Stage):
     def _model_path(self) -> str:
         from solopo.models import resolve_model
 
-        return resolve_model(self.ctx.run.model)
+        return resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
 
     def fingerprint(self) -> dict[str, Any]:
         # The tokenizer decides every count: hash its files when it is a local checkpoint.

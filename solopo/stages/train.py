@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from solopo.pipeline.config import register_preset
 from solopo.pipeline.errors import SolopoError
-from solopo.pipeline.io import dir_fingerprint, read_json
+from solopo.pipeline.io import dir_fingerprint, path_in_run, read_json
 from solopo.pipeline.stage import Stage
 from solopo.training.config import TrainConfig
 
@@ -51,6 +51,28 @@ class TrainStage(Stage):
     writes = ("model_path", "algo", "mode", "alpha", "steps")
     version = "1"
     amendable = ("models/*/README.md",)  # eval adds its results table to the model card
+    expensive = True
+
+    @classmethod
+    def progress(cls, out_dir: Path) -> str | None:
+        """The newest readable checkpoint a killed run left (models/<algo>-<mode>.checkpoints/step-N)."""
+        best: tuple[int, Path] | None = None
+        for meta in out_dir.glob("models/*.checkpoints/step-*/solopo.json"):
+            if not meta.parent.name.removeprefix("step-").isdigit():
+                continue  # step-3.tmp (an interrupted save), step-3.bak: not a checkpoint
+            try:
+                step = json.loads(meta.read_text()).get("step")
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                continue  # a damaged checkpoint is not one to resume from
+            if isinstance(step, int) and not isinstance(step, bool) and (best is None or step > best[0]):
+                best = (step, meta.parent)
+        if best is None:
+            return super().progress(out_dir)
+        where = best[1].relative_to(out_dir.parent) if out_dir.parent in best[1].parents else best[1]
+        return (
+            f"resumable from step {best[0]} ({where}); rerun the same command to continue "
+            "(another train config starts again from step 0)"
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         model = self.ctx.run.model
@@ -66,26 +88,34 @@ class TrainStage(Stage):
 
         cfg: TrainConfig = self.config
         if data is not None and data.num_rows == 0:  # select ran with allow_empty=true: say why it is empty
-            sel = self.ctx.upstream_dirs.get("select", Path("select")) / "manifest.json"
-            drops = read_json(sel).get("drops", {}) if sel.exists() else "unknown (no select manifest)"
+            from solopo.pipeline.runner import read_manifest
+
+            sel_dir = self.ctx.upstream_dirs.get("select", Path("select"))
+            sel = sel_dir / "manifest.json"
+            m, problem = read_manifest(sel_dir)
+            drops = (m.get("drops") or {}) if m is not None else f"unknown ({problem})"
             raise SolopoError(
                 f"train: the exported triplets are empty (0 pairs); select's drops by reason: {drops} (see {sel}). "
                 "Sample more (sample.n), use a stronger model, or check the answers, then rerun `solopo pair`"
             )
-        model_path = resolve_model(self.ctx.run.model)
+        model_path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
         plan = launch_plan(cfg)
+        kw = dict(
+            model_path=model_path,
+            table=data,
+            out_dir=self.ctx.out_dir,
+            seed=seed,
+            source=source,
+            trust_remote_code=self.ctx.run.trust_remote_code,
+        )
         # before the model loads: refuse what cannot fit; deepspeed=auto on a GPU becomes the plan's choice
         cfg = prelaunch_check(cfg, model_path, data, plan.num_processes, self.ctx.note, self.ctx.stat)
         if plan.in_process:
-            result = train(
-                cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source, ctx=self.ctx
-            )
+            result = train(cfg, ctx=self.ctx, **kw)
         else:
-            result = run_launched(
-                plan, cfg, model_path=model_path, table=data, out_dir=self.ctx.out_dir, seed=seed, source=source
-            )
+            result = run_launched(plan, cfg, **kw)
             for n in result.get("notes", []):
                 self.ctx.note(n)
             for reason, ids in result.get("drops", {}).items():
@@ -99,7 +129,8 @@ class TrainStage(Stage):
             self.ctx.stat(f"final_{k}", v)
         self._write_card(result, model_path, data)
         row = {
-            "model_path": [result["model_path"]],
+            # relative to the run dir: a copied or moved run dir keeps pointing at its own model
+            "model_path": [path_in_run(result["model_path"], self.ctx.out_dir.parent)],
             "algo": [cfg.algo],
             "mode": [cfg.mode],
             "alpha": [float(result["alpha"])],

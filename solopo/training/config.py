@@ -12,6 +12,29 @@ from pydantic import Field, field_validator, model_validator
 from solopo.pipeline.config import StageConfig, parse_length
 
 
+class LoraSettings(StageConfig):
+    """`train.lora.*`: the LoRA adapter (PEFT LoraConfig) used with train.peft=lora|qlora."""
+
+    r: int = Field(default=16, gt=0, description="adapter rank")
+    alpha: float = Field(default=32.0, gt=0, description="scaling numerator: the update is (alpha / r) * B A")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="dropout on the adapter input (> 0 needs train.disable_dropout=false)"
+    )
+    target_modules: str | list[str] = Field(
+        default="all-linear",
+        description="module names to adapt, or 'all-linear': every linear layer of the decoder (not the LM head)",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, str) and v != "all-linear":
+            v = [x.strip() for x in v.split(",") if x.strip()]  # --set train.lora.target_modules=q_proj,v_proj
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one module (e.g. [q_proj, v_proj]) or use 'all-linear'")
+        return v
+
+
 class TrainConfig(StageConfig):
     algo: Literal["dpo", "simpo", "orpo"] = "orpo"
     mode: Literal["solo", "long", "expand-long", "short"] = "solo"
@@ -23,7 +46,9 @@ class TrainConfig(StageConfig):
     orpo_lambda: float = Field(default=0.1, description="ORPO odds-ratio weight (ORPO paper; TRL's ORPOConfig.beta)")
     orpo_nll: Literal["completion", "sequence"] = Field(
         default="completion",
-        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer)",
+        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer); "
+        "either way averaged per token within each example, then over the batch's examples, where TRL averages over "
+        "all tokens of the batch at once (equal at micro_batch_size 1 or equal lengths)",
     )
     ra_ref: Literal["long", "short"] = Field(
         default="long", description="DPO long reward reference: pi_ref(y_w|x_long) precomputed, or reuse the short one"
@@ -56,13 +81,29 @@ class TrainConfig(StageConfig):
         default="auto",
         description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
     )
+    sp_size: int = Field(
+        default=1,
+        ge=1,
+        description="sequence parallelism: ranks that split each sequence (DeepSpeed Ulysses/ALST); the "
+        "data-parallel degree is num_processes / sp_size. Must divide the attention heads",
+    )
     offload: Literal["none", "optimizer", "full"] = "none"
     launcher: Literal["auto", "none", "accelerate", "deepspeed"] = "auto"
     num_processes: int | None = Field(default=None, description="processes per node; None = GPUs visible (1 on CPU)")
     hostfile: str | None = None
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
     logging_steps: int = Field(default=1, gt=0)
-    save_steps: int = 0
+    save_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="checkpoint every N optimizer steps; None = every save_minutes of training; 0 = never",
+    )
+    save_minutes: float = Field(
+        default=10.0, gt=0, description="with save_steps unset: checkpoint after each this many minutes of training"
+    )
+    save_total_limit: int = Field(
+        default=2, ge=0, description="checkpoints kept (newest first; 0 = all); all are removed once the model is saved"
+    )
     resume: bool = True
     attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
@@ -74,6 +115,16 @@ class TrainConfig(StageConfig):
         description="zero every dropout in the policy (TRL's default): the DPO reference is computed without dropout",
     )
     seed: int | None = Field(default=None, description="None = run.seed")
+    peft: Literal["none", "lora", "qlora"] = Field(
+        default="none",
+        description="none: full fine-tuning; lora: a LoRA adapter on the frozen base (PEFT); qlora: the same on a "
+        "4-bit base (bitsandbytes, CUDA only). The DPO reference is the base with the adapter disabled",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    merge_adapter: bool = Field(
+        default=True,
+        description="with peft: also save the adapter merged into the base (what eval loads); false: adapter only",
+    )
     skip_plan: bool = Field(
         default=False, description="launch even when the memory plan (solopo plan) says the run cannot fit"
     )
@@ -98,6 +149,15 @@ class TrainConfig(StageConfig):
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
         if self.shared_prefix and self.attn == "flash_attention_2":
             problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
+        if self.sp_size > 1 and self.deepspeed == "none":
+            problems.append("sp_size > 1 runs through DeepSpeed's Ulysses (ALST): deepspeed=zero2, zero3 or auto")
+        if self.sp_size > 1 and self.attn == "eager":
+            problems.append("sp_size > 1 needs attn=sdpa, flash_attention_2 or auto (ALST cannot use eager's 4-D mask)")
+        if self.peft != "none" and self.lora.dropout > 0 and self.disable_dropout:
+            problems.append(
+                f"lora.dropout={self.lora.dropout:g} with disable_dropout=true: set train.disable_dropout=false to "
+                "train with adapter dropout (the DPO step-1 loss is then not log 2), or lora.dropout=0"
+            )
         if self.alpha is not None and self.alpha < 0:
             problems.append("alpha must be >= 0")
         if problems:

@@ -98,9 +98,17 @@ def select_target_len(table: pa.Table, target_len: int | None, source: str) -> t
 
 
 def build_examples(
-    table: pa.Table, tokenizer, mode: str, with_long_w: bool, source: str, max_length: int | None = None
+    table: pa.Table,
+    tokenizer,
+    mode: str,
+    with_long_w: bool,
+    source: str,
+    max_length: int | None = None,
+    context_limit: int | None = None,
 ) -> tuple[list[Example], dict[str, list[str]]]:
-    """Tokenize the rows a mode needs. Returns the examples and {drop reason: [ids]}."""
+    """Tokenize the rows a mode needs. Returns the examples and {drop reason: [ids]}: `over_model_context` for
+    a sequence longer than the model's context (`context_limit`; positions past it were never trained and RoPE
+    extrapolates silently), `over_max_length` for one longer than train.max_length."""
     prompt_col, w_col, l_col, _ = MODES[mode]
     cols = ["id", prompt_col, w_col, l_col] + (["long_prompt", "chosen_response"] if with_long_w else [])
     missing = [c for c in dict.fromkeys(cols) if c not in table.column_names]
@@ -133,7 +141,11 @@ def build_examples(
         rejected = encode(tokenizer, r[prompt_col], r[l_col])
         long_w = encode(tokenizer, r["long_prompt"], r["chosen_response"]) if with_long_w else None
         seqs = [chosen, rejected] + ([long_w] if long_w else [])
-        if max_length is not None and max(len(s) for s in seqs) > max_length:
+        longest = max(len(s) for s in seqs)
+        if context_limit is not None and longest > context_limit:
+            drops.setdefault("over_model_context", []).append(rid)
+            continue
+        if max_length is not None and longest > max_length:
             drops.setdefault("over_max_length", []).append(rid)
             continue
         if min(len(s.completion) for s in seqs) == 0:
@@ -148,6 +160,15 @@ def build_examples(
             hint="rerun sampling with `sample.on=both`, or use train.mode=expand-long",
         )
     return examples, drops
+
+
+def context_note(dropped: int, limit: int | None) -> str:
+    """The run's note for examples dropped as longer than the model's context."""
+    return (
+        f"{dropped} example(s) have a sequence longer than the model's context of {limit} tokens "
+        "(max_position_embeddings): dropped, counted under drops as over_model_context. Train on a shorter length "
+        "(train.target_len, or synth.target_len) or a model with a longer context"
+    )
 
 
 def length_grouped_batches(

@@ -63,7 +63,9 @@ def launch_plan(cfg) -> LaunchPlan:
         if n == 1 and not cfg.hostfile:
             return LaunchPlan("none", 1)
         # deepspeed=auto means ZeRO-3 with several GPU ranks (plain data parallel on CPU)
-        ds = cfg.deepspeed in ("zero2", "zero3") or (cfg.deepspeed == "auto" and _visible_gpus() > 0)
+        ds = cfg.deepspeed in ("zero2", "zero3") or (
+            cfg.deepspeed == "auto" and (_visible_gpus() > 0 or cfg.sp_size > 1)
+        )
         return LaunchPlan("deepspeed" if (cfg.hostfile or ds) else "accelerate", n)
     if cfg.hostfile and cfg.launcher == "accelerate":
         raise ConfigError(
@@ -109,9 +111,21 @@ def launch_command(plan: LaunchPlan, spec_path: Path, cfg) -> list[str]:
 
 
 def run_launched(
-    plan: LaunchPlan, cfg, model_path: str, table: pa.Table | None, out_dir: Path, seed: int, source: str
+    plan: LaunchPlan,
+    cfg,
+    model_path: str,
+    table: pa.Table | None,
+    out_dir: Path,
+    seed: int,
+    source: str,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write the data and a spec next to the model, launch the ranks, read rank 0's result."""
+    from solopo.training.seq_parallel import check_sp
+
+    # train.sp_size against the heads and ranks here, in the CLI's process: a config error (exit 2), not N failed
+    # ranks. With a hostfile the world size is known only to the ranks (they check it again).
+    check_sp(cfg, model_path, cfg.sp_size if cfg.hostfile else plan.num_processes)
     work = Path(out_dir) / "launch"
     work.mkdir(parents=True, exist_ok=True)
     data_path = work / "input.parquet"
@@ -127,6 +141,7 @@ def run_launched(
         "seed": seed,
         "source": source,
         "result_path": str(result_path.resolve()),
+        "trust_remote_code": trust_remote_code,
     }
     spec_path = work / "spec.json"
     write_json(spec, spec_path)
@@ -165,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         out_dir=spec["out_dir"],
         seed=spec["seed"],
         source=spec["source"],
+        trust_remote_code=bool(spec.get("trust_remote_code", False)),
     )
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(result, spec["result_path"])

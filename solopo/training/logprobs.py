@@ -21,6 +21,7 @@ from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from .losses import SeqLogps
+from .seq_parallel import SeqParallel
 
 SEGMENT_ATTN = "solopo_segment_sdpa"  # attention implementation name registered with transformers
 
@@ -153,19 +154,21 @@ def chunked_token_logps(
     chunk_size: int = 1024,
     softcap: float | None = None,
     min_chunks: int = 0,
+    reentrant: bool = False,
 ) -> torch.Tensor:
     """log softmax(lm_head(hidden))[labels] for (n, d) hidden states, `chunk_size` rows at a time.
 
     `min_chunks` pads with empty chunks so that lm_head is called (forward, and recomputed in backward) at least
     that many times: under ZeRO-3 every call gathers the head's weights collectively, so all ranks must make the
-    same number of calls."""
+    same number of calls. `reentrant`: checkpoint reentrantly (a frozen head under ZeRO-3, e.g. LoRA: the
+    non-reentrant recompute sees the head's released partition)."""
     out = []
     for c in range(max(num_chunks(hidden.shape[0], chunk_size), min_chunks)):
         start = c * chunk_size  # past the end for padding chunks: an empty (0, d) slice, still in the graph
         h, y = hidden[start : start + chunk_size], labels[start : start + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute the chunk's logits in backward instead of keeping (chunk, vocab) floats alive.
-            out.append(checkpoint(_token_logps, lm_head, h, y, softcap, use_reentrant=False))
+            out.append(checkpoint(_token_logps, lm_head, h, y, softcap, use_reentrant=reentrant))
         else:
             out.append(_token_logps(lm_head, h, y, softcap))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
@@ -178,12 +181,21 @@ class CompletionLogps(nn.Module):
     module, and the parameter-gathering hooks fire for the decoder and the LM head as they are called.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 1024, sync_chunks: bool = False):
+    def __init__(
+        self,
+        lm: nn.Module,
+        chunk_size: int = 1024,
+        sync_chunks: bool = False,
+        reentrant_head: bool = False,
+        sp: SeqParallel | None = None,
+    ):
         super().__init__()
         self.lm = lm
+        self.sp = sp or SeqParallel()  # train.sp_size > 1: each rank runs its slice of every row
         self.chunk_size = chunk_size
         # ZeRO-3 with several ranks: agree on the LM-head chunk count (all-reduce MAX) before calling the head.
         self.sync_chunks = sync_chunks
+        self.reentrant_head = reentrant_head  # see chunked_token_logps
         self.softcap = getattr(lm.config, "final_logit_softcapping", None)
 
     def forward(
@@ -219,22 +231,66 @@ class CompletionLogps(nn.Module):
             attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
                 ~attention_mask, torch.finfo(dtype).min
             )
-        with record_function("solopo.decoder"):  # transformers' own code (bench/train profiles it apart)
-            hidden = decoder(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
-            ).last_hidden_state  # (b, s, d)
         t = target_masks if isinstance(target_masks, Targets) else targets_from_masks(target_masks, pred_index)
-        h = hidden[t.bi, t.pi]  # (n, d): only the positions that predict a target
-        labels = input_ids[t.bi, t.ti]  # (n,)
-        chunks = self._agreed_chunks(h.shape[0], h.device)
-        tok = chunked_token_logps(lm_head, h, labels, self.chunk_size, self.softcap, chunks)  # (n,)
         b = input_ids.shape[0]
+        full = t  # every target counts, whichever SP rank computes its log-prob
+        with record_function("solopo.decoder"):  # transformers' own code (bench/train profiles it apart)
+            if self.sp.on:
+                hidden, t = self._decode_slice(decoder, input_ids, attention_mask, position_ids, t, segments)
+            else:
+                hidden = decoder(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    **extra,
+                ).last_hidden_state  # (b, s, d)
+        h = hidden[t.bi, t.pi]  # (n, d): only the positions that predict a target
+        labels = input_ids[t.bi, t.ti]  # (n,): from the full row, i.e. shifted before any sharding
+        # Under SP at least one (maybe empty) head call: every rank's loss must reach its decoder, whose backward
+        # holds the all-to-all collectives of the other ranks.
+        chunks = max(self._agreed_chunks(h.shape[0], h.device), int(self.sp.on))
+        tok = chunked_token_logps(
+            lm_head, h, labels, self.chunk_size, self.softcap, chunks, self.reentrant_head
+        )  # (n,)
         out = []
-        for sel in t.sel.to(tok.dtype):  # (n,) per mask
+        for sel, full_sel in zip(t.sel.to(tok.dtype), full.sel.to(tok.dtype), strict=True):  # (n,) per mask
             total = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, t.bi, tok * sel)  # (b,)
-            count = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, t.bi, sel)  # (b,)
-            out.append(SeqLogps(total=total, count=count))
+            count = torch.zeros(b, dtype=tok.dtype, device=tok.device).index_add(0, full.bi, full_sel)  # (b,)
+            out.append(SeqLogps(total=self.sp.sum(total), count=count))  # SP: this rank's part, summed over the group
         return out
+
+    def _decode_slice(self, decoder, input_ids, attention_mask, position_ids, t: Targets, segments):
+        """SP: this rank's slice of every row through the decoder (ALST gathers the full sequence per attention
+        layer), one row per call (ALST's micro batch is 1). Returns the hidden states (b, s_pad / sp, d) and the
+        targets this slice predicts, with positions relative to the slice."""
+        if attention_mask is not None:
+            raise ValueError("sequence parallelism attends by position_ids: no attention mask (eager) is supported")
+        b, s = input_ids.shape
+        padded, lo, hi = self.sp.bounds(s)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        if padded > s:  # pads after the last token, positions continuing (sdpa attends causally by order)
+            extra_pos = position_ids[:, -1:] + torch.arange(1, padded - s + 1, device=input_ids.device)
+            position_ids = torch.cat([position_ids, extra_pos], dim=1)
+            input_ids = torch.cat([input_ids, input_ids.new_zeros(b, padded - s)], dim=1)
+        rows = []
+        for i in range(b):
+            extra = {"segments": [segments[i]]} if segments is not None else {}
+            rows.append(
+                decoder(
+                    input_ids=input_ids[i : i + 1, lo:hi],
+                    position_ids=position_ids[i : i + 1, lo:hi],
+                    attention_mask=None,
+                    use_cache=False,
+                    **extra,
+                ).last_hidden_state
+            )  # (1, s_pad / sp, d)
+        # (n,): the targets whose predicting position is in this slice (on CUDA one host sync per forward, small
+        # beside ALST's per-layer collectives)
+        mine = (t.pi >= lo) & (t.pi < hi)
+        local = Targets(t.bi[mine], t.ti[mine], t.pi[mine] - lo, t.sel[:, mine])
+        return torch.cat(rows), local
 
     def _agreed_chunks(self, n: int, device: torch.device) -> int:
         """This rank's chunk count, or the largest over all ranks when `sync_chunks` is on in a multi-rank run."""

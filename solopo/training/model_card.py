@@ -81,7 +81,7 @@ def hf_trainer_files(
         global_step=steps,
         max_steps=total_steps,
         logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_steps or 0,  # 0 with time-based checkpoints (train.save_minutes)
         train_batch_size=cfg.micro_batch_size,
         num_train_epochs=math.ceil(total_steps / steps_per_epoch),
         num_input_tokens_seen=tokens,
@@ -164,14 +164,17 @@ def write_model_card(
     algo, mode = result["algo"], result["mode"]
     name = Path(model_dir).name
     on_hub = "/" in base_model  # a local checkpoint's name is no hub id: named in the text, not in the metadata
+    peft = result.get("peft")  # LoRA/QLoRA runs: what was adapted, and whether the top level is merged
+    adapter_only = bool(peft) and not peft["merged"]
     data = ModelCardData(
         base_model=base_model if on_hub else None,
         datasets=datasets or None,
-        library_name="transformers",
+        library_name="peft" if adapter_only else "transformers",
         license=license,
         model_name=name,
         pipeline_tag="text-generation",
-        tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"],
+        tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"]
+        + (["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub else [])] if peft else []),
     )
     setting = {
         "algorithm": algo,
@@ -189,6 +192,25 @@ def write_model_card(
         "training dtype": result.get("dtype"),
         "saved dtype": result.get("save_dtype", result.get("dtype")),
     }
+    if peft:
+        setting.update(
+            {
+                "fine-tuning": f"{'QLoRA (4-bit NF4 base)' if peft['base_4bit'] else 'LoRA'}, reference = base "
+                "with the adapter disabled",
+                "LoRA r / alpha / dropout": f"{peft['r']} / {peft['alpha']:g} / {peft['dropout']:g}",
+                "LoRA target modules": ", ".join(peft["target_modules"]),
+                "trainable parameters": f"{peft['trainable_params']:,} of {peft['all_params']:,}",
+                "this directory": "the adapter merged into the base (adapter in `adapter/`)"
+                if peft["merged"]
+                else "the adapter only (adapter_model.safetensors + adapter_config.json)",
+            }
+        )
+    load = f"""model = AutoModelForCausalLM.from_pretrained("{name}")  # this directory, or its hub id once pushed"""
+    if adapter_only:
+        load = f"""from peft import PeftModel
+
+base = AutoModelForCausalLM.from_pretrained("{base_model}")
+model = PeftModel.from_pretrained(base, "{name}")  # or .merge_and_unload() for plain weights"""
     final = result.get("final", {})
     body = f"""
 # {name}
@@ -221,7 +243,7 @@ summary: `all_results.json`.
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{name}")  # this directory, or its hub id once pushed
+{load}
 tokenizer = AutoTokenizer.from_pretrained("{name}")
 ```
 
@@ -244,11 +266,13 @@ def add_eval_results(
     *,
     title: str = "Evaluation",
     notes: str = "",
+    tables: list[tuple[str, list[dict[str, Any]]]] = (),
 ) -> Path:
     """Add (or replace) the evaluation section of model_dir/README.md: a markdown table of `rows` (one dict per
-    row; columns in first-seen key order; floats shown with 4 significant digits) under `## {title}`, followed by
-    `notes` (units, settings). Idempotent: a second call replaces the first call's section. The card must exist
-    (written by the train stage); returns its path."""
+    row; columns in first-seen key order; floats shown with 4 significant digits) under `## {title}`, then each
+    of `tables` (subtitle, rows) under its own `### subtitle` (a table of another unit gets its own header row),
+    followed by `notes` (units, settings). Idempotent: a second call replaces the first call's section. The card
+    must exist (written by the train stage); returns its path."""
     from huggingface_hub import ModelCard
 
     from solopo.pipeline.errors import SolopoError
@@ -258,6 +282,9 @@ def add_eval_results(
         raise SolopoError(f"{path}: no model card to add eval results to (train writes it; rerun `solopo train`)")
     text = path.read_text()
     section = f"{_EVAL_START}\n## {title}\n\n{_table(rows) if rows else 'No evaluation rows.'}\n"
+    for subtitle, sub_rows in tables:
+        if sub_rows:
+            section += f"\n### {subtitle}\n\n{_table(sub_rows)}\n"
     section += (f"\n{notes.strip()}\n" if notes.strip() else "") + _EVAL_END
     pattern = re.compile(re.escape(_EVAL_START) + r".*?" + re.escape(_EVAL_END), re.S)
     if pattern.search(text):

@@ -101,6 +101,7 @@ class Combo:
 @dataclass
 class ModelFacts:
     name: str
+    path: str  # what transformers loads it from (a dir or a hub id)
     config: Any
     params: int
     layers: int
@@ -129,10 +130,10 @@ def load_model_facts(model: str | None) -> ModelFacts:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise PlanError(f"--model {model}: cannot read its config.json ({str(e).splitlines()[0][:200]})") from None
-    return facts_from_config(cfg, Path(path).name if Path(path).exists() and model else (model or EMBEDDED))
+    return facts_from_config(cfg, Path(path).name if Path(path).exists() and model else (model or EMBEDDED), path)
 
 
-def facts_from_config(cfg: Any, name: str) -> ModelFacts:
+def facts_from_config(cfg: Any, name: str, path: str | None = None) -> ModelFacts:
     """Counts of a transformers config, from the model built on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -149,6 +150,7 @@ def facts_from_config(cfg: Any, name: str) -> ModelFacts:
     heads = int(text.num_attention_heads)
     return ModelFacts(
         name=name,
+        path=path or name,
         config=cfg,
         params=sum(p.numel() for p in lm.parameters()),
         layers=int(text.num_hidden_layers),
@@ -170,24 +172,11 @@ def sp_constraint(facts: ModelFacts) -> str:
     )
 
 
-def sp_allowed(facts: ModelFacts, sp: int) -> bool:
-    """DeepSpeed ALST's own check (UlyssesSPAttentionHF)."""
-    return facts.heads % sp == 0 and (facts.kv_heads % sp == 0 or sp % facts.kv_heads == 0)
-
-
 def valid_sp_sizes(facts: ModelFacts, gpus: int) -> list[int]:
-    return [s for s in range(1, max(1, gpus) + 1) if gpus % s == 0 and sp_allowed(facts, s)]
+    """The sp sizes ALST accepts for the model's heads that also divide the job's GPUs."""
+    from solopo.training.seq_parallel import valid_sp_sizes as allowed
 
-
-def check_sp(facts: ModelFacts, sp: int, gpus: int) -> None:
-    if sp < 1 or (gpus and gpus % sp):
-        raise PlanError(f"train.sp_size={sp} must divide the number of GPUs ({gpus})")
-    if not sp_allowed(facts, sp):
-        ok = [s for s in range(1, max(facts.heads, 2) + 1) if sp_allowed(facts, s)]
-        raise PlanError(
-            f"train.sp_size={sp} does not fit {facts.name}: {sp_constraint(facts)}. Valid sp sizes: "
-            f"{', '.join(map(str, ok))}" + (f" (on {gpus} GPUs: {valid_sp_sizes(facts, gpus)})" if gpus else "")
-        )
+    return [s for s in allowed(facts.heads, facts.kv_heads, limit=max(1, gpus)) if max(1, gpus) % s == 0]
 
 
 # --- the activation trace ----------------------------------------------------------------------------------------
@@ -760,10 +749,11 @@ def emit(plan: Plan, out_dir: Path, model: str | None, train_cfg: Any) -> list[P
 
 
 # --- from a run's config: the CLI and the pre-launch check --------------------------------------------------------
-def run_settings(train_cfg: Any) -> tuple[int | str, str, int]:
+def run_settings(train_cfg: Any) -> tuple[int, str, int]:
     """(sp_size, peft, lora r) of a train config; defaults where this build has no such setting yet."""
     lora = getattr(train_cfg, "lora", None)
-    return getattr(train_cfg, "sp_size", 1), getattr(train_cfg, "peft", "none"), int(getattr(lora, "r", 16) or 16)
+    sp = getattr(train_cfg, "sp_size", 1)
+    return sp if isinstance(sp, int) else 1, getattr(train_cfg, "peft", "none"), int(getattr(lora, "r", 16) or 16)
 
 
 def plan_for_config(
@@ -782,8 +772,10 @@ def plan_for_config(
     sp, peft, r = run_settings(train_cfg)
     shape = RunShape.from_train_config(train_cfg, long_len, short_len, completion)
     sp_opts = None
-    if isinstance(sp, int) and sp > 1:
-        check_sp(facts, sp, machine.gpus)
+    if sp > 1:  # the trainer's own check: heads and ranks divisible by it (ConfigError naming the valid sizes)
+        from solopo.training.seq_parallel import check_sp
+
+        check_sp(train_cfg, facts.path, machine.gpus)
         sp_opts = [sp]
     pefts = [peft] + (["lora"] if peft == "none" else [])
     return make_plan(facts, shape, machine, margin, peft_options=pefts, sp_options=sp_opts, lora_r=r)
@@ -828,10 +820,11 @@ def prelaunch_check(train_cfg: Any, model: str | None, table: Any, gpus: int, no
     short, long_len, comp = lengths
     machine = Machine(gpus=gpus, gpu_mem_gb=float(mem), device="cuda" if cuda else "cpu", dtype=train_cfg.dtype)
     sp, peft, r = run_settings(train_cfg)
-    sp = sp if isinstance(sp, int) else 1
     facts = load_model_facts(model)
-    if sp > 1:
-        check_sp(facts, sp, gpus)
+    if sp > 1:  # before the trainer's own, which would come after this plan
+        from solopo.training.seq_parallel import check_sp
+
+        check_sp(train_cfg, facts.path, gpus)
     shape = RunShape.from_train_config(train_cfg, long_len, short, comp)
     auto = train_cfg.deepspeed == "auto"
     if auto and cuda:  # the plan chooses among the ZeRO stages (offload and sp as configured)

@@ -47,7 +47,7 @@ class PlainBackend:
         tmp.mkdir(parents=True)
         torch.save(
             {
-                "model": self.module.lm.state_dict(),
+                "model": trained_state(self.module.lm),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 **state,
@@ -60,13 +60,29 @@ class PlainBackend:
     def load_checkpoint(self, path: Path) -> dict:
         # Plain tensors, numbers and strings only: no pickled code runs when a checkpoint is read.
         blob = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        self.module.lm.load_state_dict(blob.pop("model"))
+        load_trained_state(self.module.lm, blob.pop("model"))
         self.optimizer.load_state_dict(blob.pop("optimizer"))
         self.scheduler.load_state_dict(blob.pop("scheduler"))
         return blob
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.module.lm.state_dict()
+
+
+def trained_state(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: the whole state dict in full fine-tuning; only the trained tensors
+    when part of the model is frozen (LoRA: the adapter, not the base, which is the model on disk)."""
+    sd = lm.state_dict()
+    frozen = {n for n, p in lm.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return sd if not frozen else {k: v for k, v in sd.items() if k not in frozen}
+
+
+def load_trained_state(lm: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """The inverse of trained_state: only frozen tensors may be absent from the checkpoint."""
+    frozen = {n for n, p in lm.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing, unexpected = lm.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _average_grads_across_ranks(module: torch.nn.Module) -> None:

@@ -231,9 +231,12 @@ class _Agg:
         self.sums[-1] += out.loss.shape[0]
         self.tokens += tokens
 
-    def finish(self, seconds: float, device: torch.device, world: int) -> dict[str, float]:
+    def finish(self, seconds: float, device: torch.device, sp_size: int = 1) -> dict[str, float]:
+        """Means over the step's examples on all ranks. The ranks of one SP group hold the same examples: their
+        copies cancel in the means; the tokens are divided by sp_size."""
         tok = torch.tensor([self.tokens], dtype=torch.float64, device=self.device)
         s = all_reduce(torch.cat([self.sums, tok])).cpu()
+        s[-1] /= sp_size
         mem = all_reduce(
             torch.tensor([peak_memory_gb(device)], device=device if device.type == "cuda" else "cpu"), "max"
         )
