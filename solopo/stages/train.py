@@ -83,8 +83,8 @@ class TrainStage(Stage):
     def run(self, data: pa.Table | None) -> pa.Table:
         from solopo.models import resolve_model
         from solopo.training.launch import launch_plan, run_launched
-        from solopo.training.plan import prelaunch_check
         from solopo.training.loop.trainer import train
+        from solopo.training.plan import prelaunch_check
 
         cfg: TrainConfig = self.config
         if data is not None and data.num_rows == 0:  # select ran with allow_empty=true: say why it is empty
