@@ -150,6 +150,14 @@ class TrainConfig(StageConfig):
         default=True,
         description="with peft: also save the adapter merged into the base (what eval loads); false: adapter only",
     )
+    skip_plan: bool = Field(
+        default=False, description="launch even when the memory plan (solopo plan) says the run cannot fit"
+    )
+    gpu_mem_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="GiB per GPU for the pre-launch memory plan; None = the GPU's own (on a CPU: no check)",
+    )
 
     @field_validator("target_len", "max_length", mode="before")
     @classmethod

@@ -209,7 +209,12 @@ def write_model_card(
         pipeline_tag="text-generation",
         # no `trl` tag: solopo's own loop trained it (TRL is a test peer, not a dependency of the training)
         tags=["solopo", algo, f"solopo-{mode}", "long-context"]
-        + (["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub else [])] if peft else []),
+        # an adapter-only dir is an adapter of the base (HF's base_model relation); a merged one is a fine-tune
+        + (
+            ["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub and adapter_only else [])]
+            if peft
+            else []
+        ),
     )
     setting = {
         "algorithm": algo,
