@@ -61,7 +61,7 @@ def launch_args(world: int, args: list[str], out: Path, env_extra: dict | None =
         }
         cmd = [sys.executable, __file__, *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     if not ok:
         assert all(p.returncode != 0 for p in procs), "\n".join(x[-3000:] for x in logs)
         return {"logs": logs}
@@ -88,6 +88,7 @@ def assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
 
 
 # one launch per topology: a second ALST setup in a process that already ran one under another SP size desyncs gloo
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
 @pytest.mark.parametrize("world,sps", [(2, "2"), (4, "4"), (4, "2")], ids=["sp2", "sp4", "dp2xsp2"])
 def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, world, sps):
     """Per-example losses, rewards (and the RA distance), DPO reference log-probs and the gradient norm under SP
@@ -105,6 +106,7 @@ def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, w
     assert_same(got, one)
 
 
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
 def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
     """The real train() on 2 ranks, ZeRO-3 (parameters partitioned over both), sp 2: killed after its step-2
     checkpoint, relaunched, it resumes there; its per-step losses, rewards and gradient norms and its final weights
@@ -137,6 +139,7 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
         torch.testing.assert_close(w_sp[k], w_one[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
 def test_head_count_error_names_valid_sizes(tmp_path, tiny_model_dir):
     """sp_size=3 with 4 attention heads: the CLI stops before launching (exit 2) and names the valid sizes."""
     sys.path.insert(0, str(Path(__file__).parent))
