@@ -552,6 +552,67 @@ def _layers(config: Path | None, overrides: dict[str, Any], preset: str | None) 
     return config_layers(config, overrides, preset, run_dir_layer=True)
 
 
+@app.command("plan")
+@_guard
+def plan_(
+    model: ModelOpt = None,
+    target_len: Annotated[
+        str | None, typer.Option("--target-len", help="Long prompt tokens, e.g. 64k; default: the run's longest.")
+    ] = None,
+    gpus: Annotated[
+        int | None, typer.Option("--gpus", help="GPUs in the job (default: those visible, else 1).")
+    ] = None,
+    gpu_mem: Annotated[
+        float | None, typer.Option("--gpu-mem", help="GiB per GPU (default: this GPU's, else 80).")
+    ] = None,
+    short_len: Annotated[str, typer.Option("--short-len", help="Short prompt tokens (paper: ~1.1K).")] = "1k",
+    completion: Annotated[
+        int | None, typer.Option("--completion", help="Answer tokens (default: sample.max_tokens).")
+    ] = None,
+    margin: Annotated[float, typer.Option("--margin", help="Share of each GPU kept free.")] = 0.10,
+    json_: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    emit: Annotated[
+        Path | None, typer.Option("--emit", help="Write ds_config.json, a hostfile and the train command here.")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    preset: PresetOpt = None,
+) -> None:
+    """Per-GPU peak memory of a training run for every ZeRO / offload / sp / LoRA setting, before launching it
+    (the model's config.json only: no weights)."""
+    import json
+
+    from solopo.pipeline.config import parse_length
+    from solopo.pipeline.errors import ConfigError
+    from solopo.training import plan as planning
+
+    cfg = _config(config, _overrides(set_, **{"run.model": model}), preset)
+    t = cfg.train
+    try:
+        long_len = parse_length(target_len) if target_len else (t.target_len or max(cfg.synth.target_len))
+        short = parse_length(short_len)
+    except ValueError as e:
+        raise ConfigError([f"--target-len/--short-len: {e}"]) from None
+    if not 0 <= margin < 1:
+        raise ConfigError([f"--margin {margin}: a share of the GPU, 0 <= margin < 1"])
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n = gpus if gpus is not None else (torch.cuda.device_count() if cuda else 1)
+    mem = (
+        gpu_mem if gpu_mem is not None else (torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 80.0)
+    )
+    if n < 1 or mem <= 0:
+        raise ConfigError([f"--gpus {n} / --gpu-mem {mem}: both must be positive"])
+    machine = planning.Machine(gpus=n, gpu_mem_gb=mem, dtype=t.dtype)
+    comp = completion or cfg.sample.max_tokens
+    p = planning.plan_for_config(t, cfg.run.model, long_len, machine, short, comp, margin)
+    typer.echo(json.dumps(p.to_json(), indent=2) if json_ else planning.format_table(p))
+    if emit is not None:
+        for f in planning.emit(p, emit, cfg.run.model, t):
+            typer.echo(f"wrote {f}", err=json_)
+
+
 @config_app.command("show")
 @_guard
 def config_show(

@@ -90,10 +90,11 @@ def scripted(monkeypatch, tokenizer, golds):
     """Patch get_backend: a model dir's name picks its policy; max_context via the returned setter."""
     import solopo.backends
 
-    state = {"max_context": None}
+    state = {"max_context": None, "opts": []}
     ScriptedBackend.calls = []
 
     def fake_get_backend(name, model_path, ctx_note=None, **opts):
+        state["opts"].append(opts)
         policy = Path(model_path).name.split("-")[0]
         return ScriptedBackend(model_path, policy, tokenizer, golds, state["max_context"])
 
@@ -211,16 +212,27 @@ def test_paired_comparisons_of_constructed_models(tmp_path, tiny_model_dir, scri
     c = comps[("solo", "long")]
     assert c["diff_pct_points"] == 50.0 and c["model_only_correct"] == 4 and c["reference_only_correct"] == 0
     assert c["mcnemar_p"] == pytest.approx(2 / 2**4)
-    assert c["significant"] == (c["ci95_low_pct_points"] > 0)
+    assert c["bootstrap_excludes_0"] == (c["ci95_low_pct_points"] > 0)
+    assert not c["significant"]  # a 4/0 split: exact p = 0.125, whatever the bootstrap interval says
     md = (out / "report.md").read_text()
     assert "## Paired comparisons" in md and "| solo | long | musique | 1k | 8 | +50.0 |" in md
-    assert "**significant**" in md
+    assert "| 4 / 0 | 0.125 | not significant |" in md  # solo vs long
+    assert "| 8 / 0 | 0.008 | **significant** |" in md  # solo vs base: p = 2/256
+    assert "both the 95% paired bootstrap interval excludes 0 and the exact two-sided McNemar test" in md
 
 
 def test_report_json_stands_alone(tmp_path, tiny_model_dir, scripted):
     base = _model_copy(tiny_model_dir, tmp_path / "half-base")
     out = _run(tmp_path, {}, base, "eval.depths=[0,1]")
-    report = json.loads((out / "report.json").read_text())
+    text = (out / "report.json").read_text()
+    report = json.loads(text)
+    # No machine path: models by folder name (or hub id, or run-dir-relative path).
+    assert str(tmp_path) not in text and str(tmp_path) not in (out / "report.md").read_text()
+    # Run identity, the questions asked.
+    run = report["run"]
+    assert run["run_id"] == "run" and len(run["config_sha256"]) == 64 and run["created"].endswith("+00:00")
+    ids = report["question_ids"]["musique"]
+    assert len(ids) == 4 and ids == sorted(ids)
     assert report["unit"] == "percent" and "*_pct" in report["units"]
     # One unit everywhere: every rate field is named *_pct and lies in 0..100.
     for cell in report["accuracy"] + report["depth"]:
@@ -230,15 +242,19 @@ def test_report_json_stands_alone(tmp_path, tiny_model_dir, scripted):
         assert key in s, key
     assert s["n_per_cell"] == [8]  # 4 questions x 2 depths
     label = report["models"][0]
-    assert report["model_paths"] == {label: str(base.resolve())}
+    assert report["model_paths"] == {label: "half-base"}
     (info,) = report["model_info"]
-    assert info["backend"] == "scripted" and info["dtype"] == "none" and info["role"] == "base"
+    assert info["backend"] == "scripted" and info["role"] == "base"
+    # The dtype the engine ran: asked for fp32 on CPU (the default), never "auto".
+    assert (info["dtype"], info["dtype_from"]) == ("float32", "requested (eval.dtype)")
+    assert scripted["opts"][0]["dtype"] == "float32" and s["dtype_requested"] == "float32"
     assert {d["depth"] for d in report["depth"]} == {0.0, 1.0}
     md = (out / "report.md").read_text()
     assert "![accuracy vs length](accuracy_vs_length.png)" in md and "![accuracy vs depth](accuracy_vs_depth.png)" in md
     for png in report["plots"]:
         assert (out / png).stat().st_size > 1000
-    assert "## How many questions" in md and "--n-questions 193" in md
+    assert "## How many questions" in md and "--n-questions 395" in md and "80% of the time" in md
+    assert "- inference dtype: float32 (default on CPU: bf16" in md and "Run `run`" in md
 
 
 def test_cell_format_and_plot_draws_the_intervals(tmp_path, monkeypatch):
@@ -340,9 +356,93 @@ def test_eval_adds_its_table_to_the_card_of_the_model_trained_in_the_run(tmp_pat
     Pipeline([EvalStage], cfg).run()
     text = (trained / "README.md").read_text()
     assert "## Evaluation" in text and "| musique | 1k | 100.0 [51.0, 100.0] (n=4) |" in text
-    assert "+100.0 [+100.0, +100.0] points vs base (" in text and "word rule" in text
+    # Accuracy and differences in separate tables, each under a header of its unit.
+    acc, comp = text.split("### Paired comparisons")
+    assert "| dataset | length | sub-EM % [95% interval] (n) |" in acc and "points" not in acc.split("\n\n")[1]
+    assert "| vs | dataset | length | difference (points) | 95% interval (points) | McNemar p | significant |" in comp
+    assert "| base (wrong-base) | musique | 1k | +100.0 | [+100.0, +100.0] | 0.125 | no |" in comp
+    assert "word rule" in text
     assert str(tmp_path) not in text  # no machine path in a card
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    info = {m["label"]: m for m in report["model_info"]}
+    assert info["orpo-solo"]["training"]["lr"] == 5e-7  # the run's train.lr trained it
+    assert info["orpo-solo"]["path"] == "train/models/right-solo" and info["other"]["path"] == "half-other"
     assert (other / "README.md").read_text() == card
     # Idempotent: a rerun replaces the section instead of adding a second one.
     Pipeline([EvalStage], cfg).run(force=("eval",))
     assert (trained / "README.md").read_text().count("## Evaluation") == 1
+
+
+def test_truncation_gap_between_models_is_flagged():
+    """A model whose answers are cut at max_tokens far more often than another's gets a check line."""
+
+    def rows(model: str, cut: int) -> list[dict]:
+        return [
+            {"model": model, "dataset": "musique", "target_len": 1024, "depth": -1.0, "id": f"q{i}",
+             "long_tokens": 900, "sub_em": False, "finish_reason": "length" if i < cut else "stop"}
+            for i in range(32)
+        ]  # fmt: skip
+
+    report = summarize(rows("base", 11) + rows("trained", 19))  # 34.4% vs 59.4%: the cpu-demo's gap
+    assert report["truncated_pct_by_model"] == {"base": 34.375, "trained": 59.375}
+    (flag,) = report["flags"]
+    assert "differ by 25.0 points between base (34.4%) and trained (59.4%)" in flag
+    from solopo.stages.eval_report import report_markdown
+
+    assert "> **Check:** answers cut at max_tokens differ by 25.0 points" in report_markdown(report)
+    close = summarize(rows("base", 12) + rows("trained", 13))  # 12/32 vs 13/32 (fp32): no flag
+    assert close["flags"] == []
+
+
+def test_training_settings_read_from_a_solopo_model_card(tmp_path, tiny_model_dir):
+    """A checkpoint solopo trained (its card's settings table, HF's all_results.json / trainer_state.json) gives
+    algo, mode, alpha, beta, lr, steps and rows; a plain checkpoint gives None."""
+    from solopo.stages.evaluate import training_record
+    from solopo.training.model_card import write_model_card
+
+    trained = _model_copy(tiny_model_dir, tmp_path / "orpo-solo")
+    result = {"algo": "orpo", "mode": "solo", "alpha": 1.0, "beta": 0.1, "steps": 3, "examples": 24,
+              "target_len": 2048, "dtype": "float32", "final": {}}  # fmt: skip
+    train_config = {"lr": 1e-6, "micro_batch_size": 1, "grad_accum": 8, "orpo_lambda": 0.1}
+    write_model_card(trained, base_model="HuggingFaceTB/SmolLM2-135M-Instruct", result=result,
+                     train_config=train_config, datasets=["dgslibisey/MuSiQue"])  # fmt: skip
+    (trained / "all_results.json").write_text(json.dumps({"train_samples": 24, "epoch": 0.125}))
+    rec = training_record(str(trained))
+    assert rec == {"algo": "orpo", "mode": "solo", "alpha": 1.0, "beta": 0.1, "lr": 1e-6, "steps": 3, "rows": 24,
+                   "target_len": 2048, "dtype": "float32"}  # fmt: skip
+    assert training_record(str(_model_copy(tiny_model_dir, tmp_path / "plain"))) is None
+    assert training_record(str(tmp_path / "hub-org/not-a-dir")) is None
+
+
+def test_effective_dtype_is_never_auto(monkeypatch):
+    from solopo.stages.evaluate import effective_dtype
+
+    class Engine:
+        dtype = "auto"
+
+    reported = Engine()
+    reported.effective_dtype = "torch.bfloat16"
+    assert effective_dtype(reported, "float32") == ("bfloat16", "reported by the engine")
+    assert effective_dtype(Engine(), "float32") == ("float32", "requested (eval.dtype)")
+    resolved = Engine()
+    resolved.dtype = "float32"  # the transformers backend resolves auto itself
+    assert effective_dtype(resolved, "auto") == ("float32", "resolved by the backend")
+    import solopo.hardware
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(solopo.hardware, "cpu_has_native_bf16", lambda native=native: native)
+        got, how = effective_dtype(Engine(), "auto")
+        assert got == expected and "solopo.hardware" in how
+
+
+def test_trained_models_training_settings_reach_the_report(tmp_path, tiny_model_dir, scripted):
+    """--model dirs with a training record are reported with their settings; lr and dtype from the record."""
+    solo = _model_copy(tiny_model_dir, tmp_path / "right-solo", {"algo": "orpo", "mode": "solo", "lr": 2e-6,
+                                                                  "steps": 5, "examples": 40})  # fmt: skip
+    out = _run(tmp_path, {"solo": solo}, None)
+    report = json.loads((out / "report.json").read_text())
+    (info,) = report["model_info"]
+    assert info["training"]["algo"] == "orpo" and info["training"]["lr"] == 2e-6
+    assert (info["training"]["steps"], info["training"]["rows"]) == (5, 40)
+    assert info["path"] == "right-solo"
+    assert "trained: algo orpo, mode solo, lr 2e-06, steps 5, rows 40" in (out / "report.md").read_text()

@@ -126,12 +126,59 @@ def test_bootstrap_clusters_resample_whole_questions():
 
 # --- detectable difference -------------------------------------------------------------------------
 def test_detectable_difference_and_questions_needed():
-    # z * sqrt(2 * 0.25 / n): n=8 -> 0.49; n=100 -> 0.1386. Inverse: ceil(z² * 0.5 / d²).
-    assert stats.detectable_difference(8) == pytest.approx(1.959964 * math.sqrt(0.5 / 8), abs=1e-6)
-    assert stats.detectable_difference(100) == pytest.approx(0.138590, abs=1e-6)
-    assert stats.questions_needed(0.10) == 193 and stats.questions_needed(0.05) == 769
+    # 80% power, 95% confidence, 50% accuracy: (z_a + z_b)² = (1.959964 + 0.841621)² = 7.848879;
+    # n = ceil(7.848879 * 0.5 / d² + z_a² / 2): d = 0.10 -> ceil(392.444 + 1.921) = 395, d = 0.05 -> 1572.
+    assert stats.questions_needed(0.10) == 395 and stats.questions_needed(0.05) == 1572
+    # At 50% power the z_b term vanishes: the old half-width rule (193 + the variance term 1.92 -> 194).
+    assert stats.questions_needed(0.10, power=0.5) == 194
+    # Inverse: d = (z_a + z_b) * sqrt(0.5 / (n - z_a²/2)): n=8 -> 2.801585 * sqrt(0.5 / 6.079270) = 0.80346.
+    assert stats.detectable_difference(8) == pytest.approx(2.801585 * math.sqrt(0.5 / (8 - 3.841459 / 2)), abs=1e-6)
+    assert stats.detectable_difference(8) == pytest.approx(0.803458, abs=1e-6)
     assert stats.detectable_difference(stats.questions_needed(0.05)) <= 0.05
-    assert stats.detectable_difference(1) == 1.0  # capped: one question tells nothing
+    assert stats.detectable_difference(stats.questions_needed(0.10)) <= 0.10
+    # Capped at 1 up to n=5 (no difference at all is detected 80% of the time), below 1 from n=6.
+    assert [stats.detectable_difference(n) for n in (1, 2, 5)] == [1.0, 1.0, 1.0]
+    assert stats.detectable_difference(6) < 1.0
+    with pytest.raises(ValueError, match="power"):
+        stats.questions_needed(0.1, power=1.0)
+
+
+@pytest.mark.parametrize(("difference", "n"), [(0.10, 395), (0.05, 1572)])
+def test_questions_needed_is_the_smallest_n_with_80pct_exact_power(difference, n):
+    """Peer: the exact power of the paired t-test (noncentral t, scipy) on per-question differences of two
+    independent models at 50% (sd sqrt(0.5)) first reaches 80% at n."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+
+    def power(k: int) -> float:
+        df, nc = k - 1, difference / math.sqrt(0.5) * math.sqrt(k)
+        crit = scipy_stats.t.ppf(0.975, df)
+        return 1 - scipy_stats.nct.cdf(crit, df, nc) + scipy_stats.nct.cdf(-crit, df, nc)
+
+    assert stats.questions_needed(difference) == n
+    assert power(n) >= 0.8 > power(n - 1)
+
+
+def test_significance_rule_false_positive_rate_by_simulation():
+    """Equally good models (no true difference): the report's rule (bootstrap interval AND exact McNemar) flags
+    at most the promised 5% at n=8 and n=30, while the percentile bootstrap alone exceeds it at n=8."""
+    small = stats.simulate_false_positives(8, rate=0.5, sims=600, seed=3, resamples=2000)
+    assert small.both <= small.mcnemar and small.both <= small.bootstrap
+    assert small.both <= 0.05 < small.bootstrap
+    mid = stats.simulate_false_positives(30, rate=0.4, sims=300, seed=4, resamples=2000)
+    assert mid.both <= 0.05
+    again = stats.simulate_false_positives(8, rate=0.5, sims=600, seed=3, resamples=2000)
+    assert again == small  # seeded
+
+
+def test_a_3_0_split_is_never_significant():
+    """8 questions, 3 only the model got right, none only the reference: McNemar p = 2/8 = 0.25. Whether the
+    percentile bootstrap interval excludes 0 depends on its seed (2.5% quantile 0 or 12.5 points); the rule's
+    verdict does not: not significant for every seed."""
+    model = [True] * 3 + [True] * 2 + [False] * 3
+    ref = [False] * 3 + [True] * 2 + [False] * 3
+    out = [compare(_rows("m", model) + _rows("r", ref), "m", "r", seed=seed)[0] for seed in range(20)]
+    assert {c["bootstrap_excludes_0"] for c in out} == {True, False}  # the old flag flipped with the seed
+    assert all(c["mcnemar_p"] == pytest.approx(0.25) and not c["significant"] for c in out)
 
 
 # --- the report's paired comparison on a constructed table ------------------------------------------

@@ -123,6 +123,49 @@ SUB_EM_CASES = [
     ("1990", ["1990-91"], False, False),
     ("1962", ["1963"], False, False),
     ("Lennon", ["John Lennon"], False, False),
+    # yes/no golds: the final answer's leading yes/no decides (word rule); an abstention is never "no"
+    ("No information is given in the documents.", ["no"], False, True),
+    ("No information is given in the documents.", ["no", "No"], False, True),
+    ("No relevant information", ["no"], False, True),
+    ("No", ["no"], True, True),
+    ("no, they are not", ["no"], True, True),
+    ("Yes, both are American", ["yes"], True, True),
+    ("Yes they were", ["yes"], True, True),
+    ("Both are American, so yes", ["yes"], False, True),  # the answer must lead with it
+    ("Yes", ["no"], False, False),
+    ("Not known", ["no"], False, True),
+    # an abstention matches no gold (word rule)
+    ("No information about Paris is given", ["Paris"], False, True),
+    ("Unknown", ["Paris"], False, False),
+    ("I cannot say; maybe Paris", ["Paris"], False, True),
+    # negated matches: a negation earlier in the clause (up to "but"/"rather"/"instead"), "X, not Y"
+    ("not G. Stanley Hall", ["G. Stanley Hall", "Stanley Hall"], False, True),  # initials are no clause end
+    ("not Los Angeles Dodgers", ["Los Angeles Dodgers", "Dodgers"], False, True),  # nor for a later alias
+    ("Not Paris", ["Paris"], False, True),
+    ("not in Paris", ["Paris"], False, True),
+    ("It isn't Paris", ["Paris"], False, True),
+    ("Paris, not London", ["Paris"], True, True),
+    ("Paris, not London", ["London"], False, True),
+    ("not Lyon but Paris", ["Paris"], True, True),  # another occurrence is not negated
+    # hedges: an "or" outside the gold names alternatives
+    ("Paris or something else", ["Paris"], False, True),
+    ("either Paris or Lyon", ["Lyon"], False, True),
+    ("Rock or Bust", ["Rock or Bust"], True, True),  # the "or" is the gold's own
+    ("Ballon d'Or or something else", ["Ballon d'Or"], False, True),  # "d'Or" read as "d or" is the gold's
+    # numbers: thousands separators dropped, decimal points kept, number words are digits
+    ("16.801", ["16,801"], False, True),
+    ("16,801", ["16801"], True, True),
+    ("3.5 million", ["3.5 million"], True, True),
+    ("35 million", ["3.5 million"], False, True),
+    ("5", ["five"], True, False),
+    ("five albums", ["5"], True, False),
+    ("twenty-one", ["21"], True, False),
+    # dates: read month-first
+    ("7 February 2018", ["February 7, 2018"], True, False),
+    ("February 7th, 2018", ["7 February 2018"], True, False),
+    ("7th of Feb. 2018", ["February 7, 2018"], True, False),
+    ("February 2018", ["February 7, 2018"], False, False),
+    ("May 1990", ["1990"], True, True),
 ]
 
 

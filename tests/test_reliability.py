@@ -829,9 +829,10 @@ def test_train_names_a_wrong_typed_select_manifest_instead_of_crashing(tmp_path)
 def test_status_shows_a_killed_training_as_partial_resumable_from_its_last_checkpoint(synth_run, tmp_path):
     rd = _copy(synth_run, tmp_path)
     ckpts = rd / "train" / "models" / "orpo-solo.checkpoints"
-    for step, meta in ((2, '{"run_key": "k", "step": 2}'), (4, "{garbage"), (3, '{"step": "3"}')):
-        (ckpts / f"step-{step}").mkdir(parents=True)
-        (ckpts / f"step-{step}" / "solopo.json").write_text(meta)
+    for name, meta in (("2", '{"run_key": "k", "step": 2}'), ("4", "{garbage"), ("3", '{"step": "3"}'),
+                       ("5.tmp", '{"step": 5}'), ("6.bak", '{"step": 6}')):  # fmt: skip
+        (ckpts / f"step-{name}").mkdir(parents=True)
+        (ckpts / f"step-{name}" / "solopo.json").write_text(meta)
     code, out = cli("status", "--run-dir", str(rd))
     assert code == 0, out
     assert "  train   partial   resumable from step 2 (train/models/orpo-solo.checkpoints/step-2)" in out, out

@@ -20,7 +20,14 @@ log = logging.getLogger("solopo")
 
 NA_CONTEXT = "n/a (exceeds context)"
 BASELINE_MODES = ("long", "expand-long", "short")  # what SoLo is compared against when present
-REPORT_SCHEMA = 2
+REPORT_SCHEMA = 3
+# Two models whose answers are cut at max_tokens this many points apart are not compared on their answers alone.
+TRUNCATION_GAP_POINTS = 10.0
+SIGNIFICANCE_RULE = (
+    "significant only when both the 95% paired bootstrap interval excludes 0 and the exact two-sided McNemar test "
+    "gives p < 0.05 (the percentile bootstrap alone calls 10-11% of pairs of equally good models different at "
+    "n = 8, the rule 0.1-0.2%; at n = 20-100 the rule 2-4%: bench/stats/results.md)"
+)
 
 
 def _pct(x: float) -> float:
@@ -115,6 +122,7 @@ def compare(
         boot = stats.paired_bootstrap(a, b, clusters=[k[1] for k in keys], resamples=resamples, seed=seed)
         only_model = sum(x and not y for x, y in zip(a, b, strict=True))
         only_ref = sum(y and not x for x, y in zip(a, b, strict=True))
+        p_value = stats.mcnemar_exact(only_model, only_ref)
         out.append(
             {
                 "model": model,
@@ -128,10 +136,11 @@ def compare(
                 "diff_pct_points": _pct(boot.diff),
                 "ci95_low_pct_points": _pct(boot.low),
                 "ci95_high_pct_points": _pct(boot.high),
-                "significant": boot.significant,
+                "significant": stats.significant(boot, p_value),
+                "bootstrap_excludes_0": boot.significant,
                 "model_only_correct": only_model,
                 "reference_only_correct": only_ref,
-                "mcnemar_p": stats.mcnemar_exact(only_model, only_ref),
+                "mcnemar_p": p_value,
                 # The exact test assumes independent pairs; one question at several lengths/depths is not.
                 "pairs_independent": boot.n_pairs == boot.n_clusters,
             }
@@ -140,13 +149,38 @@ def compare(
 
 
 def detectable(cell_ns: list[int]) -> dict[str, Any]:
-    """The smallest model difference each cell size can tell from noise, and questions for 10/5/2 points."""
+    """The smallest true model difference each cell size detects with 80% power, and questions for 10/5/2 points."""
     return {
-        "rule": "half-width of the 95% interval of the difference of two independent accuracies at 50% (the "
-        "widest case); asking both models the same questions narrows it when they agree on most of them",
+        "rule": f"a true difference detected {stats.POWER:.0%} of the time by a two-sided test at 95% confidence, for "
+        "two independent models at 50% accuracy (the widest case; paired t-test approximation); models that agree "
+        "on most questions are told apart with fewer",
+        "power": stats.POWER,
         "by_n": [{"n": n, "difference_pct_points": _pct(stats.detectable_difference(n))} for n in sorted(set(cell_ns))],
         "questions_needed": {str(d): stats.questions_needed(d / 100) for d in (10, 5, 2)},
     }
+
+
+def truncation_flags(accuracy: list[dict[str, Any]], gap: float = TRUNCATION_GAP_POINTS) -> tuple[dict, list[str]]:
+    """({model: % of answers cut at max_tokens over its measured cells}, warnings for pairs of models `gap` or
+    more points apart: their accuracy difference may come from the budget or decoding, not from the answers)."""
+    cut: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for a in accuracy:
+        if a["status"] == "measured":
+            cut[a["model"]][0] += a["truncated_pct"] * a["n"] / 100
+            cut[a["model"]][1] += a["n"]
+    rates = {m: _pct(k / n) for m, (k, n) in cut.items() if n}
+    flags = []
+    names = list(rates)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if abs(rates[a] - rates[b]) >= gap:
+                flags.append(
+                    f"answers cut at max_tokens differ by {abs(rates[a] - rates[b]):.1f} points between {a} "
+                    f"({rates[a]:.1f}%) and {b} ({rates[b]:.1f}%): their accuracy difference may come from the "
+                    "generation budget or decoding, not from the answers. Check with a larger max_tokens and "
+                    "eval.dtype=float32 (bf16 greedy decoding flips near-tied tokens)."
+                )
+    return rates, flags
 
 
 def summarize(
@@ -192,6 +226,7 @@ def summarize(
     comparisons = []
     for a, b in comparison_pairs(models):
         comparisons += compare(rows, a, b, resamples=resamples, seed=seed)
+    truncated_by_model, flags = truncation_flags(accuracy)
     order = {m: i for i, m in enumerate(labels)}
     accuracy.sort(key=lambda c: (order.get(c["model"], len(order)), c["dataset"], c["target_len"]))
     depth.sort(key=lambda c: (order.get(c["model"], len(order)), c["dataset"], c["target_len"], c["depth"]))
@@ -209,6 +244,12 @@ def summarize(
         "datasets": sorted({r["dataset"] for r in rows} | {s["dataset"] for s in skipped}),
         "lengths": sorted({r["target_len"] for r in rows} | {s["target_len"] for s in skipped}),
         "settings": settings or {},
+        "significance_rule": SIGNIFICANCE_RULE,
+        "flags": flags,
+        "truncated_pct_by_model": truncated_by_model,
+        "question_ids": {
+            d: sorted({str(r["id"]) for r in rows if r["dataset"] == d}) for d in sorted({r["dataset"] for r in rows})
+        },
         "accuracy": accuracy,
         "depth": depth,
         "comparisons": comparisons,
@@ -239,6 +280,14 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"{NA_CONTEXT}: the prompt plus max_tokens does not fit the model's context, so nothing was measured."
     )
     lines.append("")
+    run = report.get("run")
+    if run:
+        lines += [
+            f"Run `{run['run_id']}`, {run['created']}, config sha256 `{run['config_sha256'][:12]}`, seed {run['seed']}.",
+            "",
+        ]
+    for flag in report.get("flags", []):
+        lines += [f"> **Check:** {flag}", ""]
     cols = [(d, n) for d in report["datasets"] for n in report["lengths"]]
     lines.append("| model | " + " | ".join(f"{d} {format_length(n)}" for d, n in cols) + " | mean of cells |")
     lines.append("|---|" + "---:|" * (len(cols) + 1))
@@ -260,7 +309,7 @@ def report_markdown(report: dict[str, Any]) -> str:
             "Same questions for both models (matched on dataset, id, length, depth). diff = model - reference in "
             f"percentage points with a 95% paired bootstrap interval ({boot.get('resamples', '?'):,} resamples of "
             f"the questions, seed {boot.get('seed', '?')}); McNemar = exact two-sided p on the discordant pairs "
-            "(only-model-right vs only-reference-right). **significant** only when the interval excludes 0.",
+            f"(only-model-right vs only-reference-right). **{report.get('significance_rule', SIGNIFICANCE_RULE)}**.",
             "",
             "| model | reference | dataset | length | pairs | diff (pp) | 95% interval | only model / only ref | "
             "McNemar p | |",
@@ -283,7 +332,8 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines += [
                 "",
                 "† one question appears at several lengths or depths here: the exact test treats those answers as "
-                "independent (too optimistic); the bootstrap interval resamples whole questions and decides.",
+                "independent (too optimistic); the bootstrap interval, which resamples whole questions, must also "
+                "exclude 0.",
             ]
         lines.append("")
     elif len(report["models"]) > 1:
@@ -292,16 +342,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     det = report.get("detectable")
     if det and det["by_n"]:
         sizes = ", ".join(
-            f"n={b['n']}: " + ("none" if b["difference_pct_points"] >= 100 else f"±{b['difference_pct_points']:.1f}")
+            f"n={b['n']}: " + ("none" if b["difference_pct_points"] >= 100 else f"{b['difference_pct_points']:.1f}")
             for b in det["by_n"]
         )
         need = det["questions_needed"]
         lines += [
             "## How many questions",
             "",
-            f"Smallest difference between two models a cell of n questions can tell from noise, in points: {sizes} "
-            f"({det['rule']}). To resolve 10 points ask for `--n-questions {need['10']}` per dataset, 5 points "
-            f"{need['5']}, 2 points {need['2']}.",
+            f"Smallest true difference between two models, in points, that a cell of n questions detects "
+            f"{det.get('power', stats.POWER):.0%} of the time: {sizes} ({det['rule']}). To detect 10 points ask for "
+            f"`--n-questions {need['10']}` per dataset, 5 points {need['5']}, 2 points {need['2']}.",
             "",
         ]
 
@@ -324,14 +374,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += ["## Settings", ""]
         for label, path in report["model_paths"].items():
             m = info.get(label, {})
-            extra = ", ".join(f"{k} {m[k]}" for k in ("backend", "dtype", "algo", "mode") if m.get(k))
+            extra = ", ".join(f"{k} {m[k]}" for k in ("backend", "dtype") if m.get(k))
+            train = m.get("training") or {}
+            if train:
+                extra += "; trained: " + ", ".join(f"{k} {v}" for k, v in train.items() if v is not None)
             lines.append(f"- `{label}`: `{path}`" + (f" ({extra})" if extra else ""))
-        cut = defaultdict(lambda: [0.0, 0])
-        for a in report["accuracy"]:
-            if a["status"] == "measured":
-                cut[a["model"]][0] += a["truncated_pct"] * a["n"]
-                cut[a["model"]][1] += a["n"]
-        cut_text = ", ".join(f"{m} {t / n:.1f}%" for m, (t, n) in cut.items() if n)
+        rates = report.get("truncated_pct_by_model") or truncation_flags(report["accuracy"])[0]
+        cut_text = ", ".join(f"{m} {t:.1f}%" for m, t in rates.items())
+        if s.get("dtype_requested"):
+            lines.append(f"- inference dtype: {s['dtype_requested']} ({s.get('dtype_requested_from')})")
         lines += [
             f"- generation: {s.get('decoding')}, max_tokens {s.get('max_tokens')} (from {s.get('max_tokens_from')}); "
             f"answers cut at max_tokens: {cut_text}",
@@ -413,9 +464,11 @@ def plot_depth(report: dict[str, Any], path: Path) -> None:
 
 
 def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_dir: Path) -> None:
-    """Put each model trained in this run's eval table (and its comparisons) into its model card. Models
-    passed with --model are inputs, not outputs: their dirs are fingerprinted, so they are left unchanged. Only
-    cards inside this run dir are written (the lock covers it; another run dir is another command's)."""
+    """Put each model trained in this run's eval tables into its model card: accuracy per cell (sub-EM %) and,
+    separately, its paired comparisons (points vs another model). report.json names a model trained in the run
+    by its path relative to `run_dir`. Models passed with --model are inputs, not outputs: their dirs are
+    fingerprinted, so they are left unchanged. Only cards inside this run dir are written (the lock covers it;
+    another run dir is another command's)."""
     from solopo.pipeline.io import path_in_run
     from solopo.training.model_card import add_eval_results
 
@@ -428,33 +481,36 @@ def add_to_model_cards(report: dict[str, Any], note: Callable[[str], None], run_
             note(f"{m['label']}: {path} is outside this run dir {run_dir}; its model card is left unchanged")
             continue
         if not (path / "README.md").exists():
-            note(f"{m['label']}: {m['path']} has no model card (README.md); eval results not added")
+            note(f"{m['label']}: no model card at {m['path']}/README.md in the run dir; eval results not added")
             continue
         rows = [
             {
                 "dataset": a["dataset"],
                 "length": format_length(a["target_len"]),
-                "sub-EM %": format_cell(a),
+                "sub-EM % [95% interval] (n)": format_cell(a),
             }
             for a in report["accuracy"]
             if a["model"] == m["label"]
         ]
-        rows += [
+        comparisons = [
             {
+                "vs": c["reference"],
                 "dataset": c["dataset"],
                 "length": "all" if c["target_len"] is None else format_length(c["target_len"]),
-                "sub-EM %": f"{c['diff_pct_points']:+.1f} [{c['ci95_low_pct_points']:+.1f}, "
-                f"{c['ci95_high_pct_points']:+.1f}] points vs {c['reference']}"
-                + (" (significant)" if c["significant"] else ""),
+                "difference (points)": f"{c['diff_pct_points']:+.1f}",
+                "95% interval (points)": f"[{c['ci95_low_pct_points']:+.1f}, {c['ci95_high_pct_points']:+.1f}]",
+                "McNemar p": _fmt_p(c["mcnemar_p"]),
+                "significant": "yes" if c["significant"] else "no",
             }
             for c in report["comparisons"]
             if c["model"] == m["label"]
         ]
         notes = (
             f"Long-context QA by `solopo eval`: sub-EM ({s.get('match')} rule) in percent with a 95% Wilson "
-            f"interval and n questions per cell; greedy, max_tokens {s.get('max_tokens')}; differences vs "
-            "another model in percentage points with a 95% paired bootstrap interval. Full report: the "
-            "training run's `eval/report.md`."
+            f"interval and n questions per cell; greedy, max_tokens {s.get('max_tokens')}. Paired comparisons: "
+            "this model minus another on the same questions, in percentage points, with a 95% paired bootstrap "
+            f"interval; {report.get('significance_rule', SIGNIFICANCE_RULE)}. Full report: the training run's "
+            "`eval/report.md`."
         )
-        add_eval_results(path, rows, title="Evaluation", notes=notes)
-        log.info("[eval] added the eval table to %s", path / "README.md")
+        add_eval_results(path, rows, title="Evaluation", notes=notes, tables=[("Paired comparisons", comparisons)])
+        log.info("[eval] added the eval tables to %s", path / "README.md")

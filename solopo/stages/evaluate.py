@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from solopo import stats
@@ -84,6 +85,13 @@ class EvalConfig(EngineConfig):  # + engine: local | ray, ray_address, replicas 
             raise ValueError("must be positive")
         return v
 
+    # bf16 greedy decoding flips near-tied tokens: in the cpu-demo a 3-step update looked like a truncation jump.
+    dtype: Literal["default", "auto", "bfloat16", "float16", "float32"] = Field(
+        default="default",
+        description="inference dtype: default = float32 on CPU, the training dtype on GPU (train.dtype auto = "
+        "bfloat16); auto = the engine's choice; the report records the dtype each engine ran",
+    )
+
 
 # max_tokens follows sample.max_tokens (128 in this preset).
 register_preset("cpu-demo", {"eval": {"lengths": [1024, 2048], "n_questions": 8, "batch_size": 8}})
@@ -108,20 +116,87 @@ class EvalModel:
     algo: str | None = None
     mode: str | None = None
     trained_here: bool = False  # by this run's train stage: eval adds its results to the model card
+    training: dict[str, Any] | None = None  # algo, mode, alpha, beta, lr, steps, rows... of a trained model
+
+
+# The model card's settings table (solopo.training.model_card.write_model_card): label -> training key.
+_CARD_SETTINGS = {
+    "algorithm": "algo",
+    "mode": "mode",
+    "alpha (SoLo-RA weight)": "alpha",
+    "beta": "beta",
+    "learning rate": "lr",
+    "optimizer steps": "steps",
+    "training examples": "rows",
+    "long context length (tokens)": "target_len",
+    "training dtype": "dtype",
+}
+_CARD_ROW = re.compile(r"^\|\s*(.+?)\s*\|\s*(.*?)\s*\|\s*$", re.M)
+
+
+def _number(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v or None
 
 
 def training_record(path: str) -> dict[str, Any] | None:
-    """algo/mode of a checkpoint solopo trained (its train_result.json / all_results.json), else None."""
-    for name in ("train_result.json", "all_results.json"):
-        f = Path(path) / name
-        if f.is_file():
-            try:
-                rec = json.loads(f.read_text())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("mode"):
-                return {"algo": rec.get("algo"), "mode": rec["mode"]}
-    return None
+    """The training settings of a checkpoint solopo trained (algo, mode, alpha, beta, lr, steps, rows...), read
+    from its model card's settings table, HF's all_results.json / trainer_state.json and train_result.json;
+    None when it has no solopo training record (no algo and mode)."""
+    d = Path(path)
+    if not d.is_dir():
+        return None
+    rec: dict[str, Any] = {}
+    card = d / "README.md"
+    if card.is_file():
+        for label, value in _CARD_ROW.findall(card.read_text(errors="replace")):
+            if label in _CARD_SETTINGS:
+                rec[_CARD_SETTINGS[label]] = _number(value)
+    for name in ("all_results.json", "trainer_state.json", "train_result.json"):
+        f = d / name
+        try:
+            got = json.loads(f.read_text()) if f.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(got, dict):
+            continue
+        if name == "all_results.json" and "train_samples" in got:
+            rec.setdefault("rows", got["train_samples"])
+        elif name == "trainer_state.json" and "global_step" in got:
+            rec.setdefault("steps", got["global_step"])
+        elif name == "train_result.json":
+            for k in ("algo", "mode", "alpha", "beta", "lr", "steps"):
+                if got.get(k) is not None:
+                    rec.setdefault(k, got[k])
+            if got.get("examples") is not None:
+                rec.setdefault("rows", got["examples"])
+    if not (rec.get("algo") and rec.get("mode")):
+        return None
+    return {k: rec.get(k) for k in ("algo", "mode", "alpha", "beta", "lr", "steps", "rows", "target_len", "dtype")}
+
+
+def effective_dtype(backend: Any, requested: str) -> tuple[str, str]:
+    """(dtype the engine computes in, where that came from). Never "auto": the engine's own report when it has
+    one (`effective_dtype`, set once it started), else the dtype it was asked for, else what it resolved, else
+    the rule both backends apply to "auto" on this machine (solopo.hardware)."""
+    got = getattr(backend, "effective_dtype", None)
+    if got:
+        return str(got).removeprefix("torch."), "reported by the engine"
+    if requested != "auto":
+        return requested, "requested (eval.dtype)"
+    own = str(getattr(backend, "dtype", "auto"))
+    if "auto" not in own and own not in ("", "none", "engine default"):
+        return own.removeprefix("torch."), "resolved by the backend"
+    import torch
+
+    from solopo.hardware import cpu_has_native_bf16
+
+    guess = "bfloat16" if torch.cuda.is_available() or cpu_has_native_bf16() else "float32"
+    return guess, "not reported by the engine: solopo.hardware's rule for auto (bf16 on GPUs and bf16 CPUs)"
 
 
 class EvalStage(Stage):
@@ -161,6 +236,22 @@ class EvalStage(Stage):
             }
         )
 
+    def _train_setting(self, key: str) -> Any:
+        train = getattr(self.ctx.config, "train", None)
+        return getattr(train, key, None)
+
+    def inference_dtype(self) -> tuple[str, str]:
+        """(dtype asked of the engine, why): eval.dtype, else fp32 on CPU and the training dtype on GPU."""
+        c = self.config.dtype
+        if c != "default":
+            return c, f"eval.dtype={c}"
+        import torch
+
+        if not torch.cuda.is_available():
+            return "float32", "default on CPU: bf16 greedy decoding flips near-tied tokens"
+        train = str(self._train_setting("dtype") or "auto")
+        return {"fp32": "float32"}.get(train, "bfloat16"), f"default on GPU: the training dtype (train.dtype={train})"
+
     def _models(self, data: pa.Table | None) -> list[EvalModel]:
         from solopo.models import EMBEDDED_NAME, resolve_model
         from solopo.training import peft as lora
@@ -178,7 +269,21 @@ class EvalStage(Stage):
             for row in data.to_pylist():
                 label = row.get("label") or f"{row.get('algo', 'trained')}-{row.get('mode', '')}".strip("-")
                 path = resolve_in_run(row["model_path"], self.run_dir)  # stored relative to the run dir
-                models.append(EvalModel(label, path, "trained", row.get("algo"), row.get("mode"), True))
+                # The train stage's row, then what the model's card states (the resolved dtype, lr).
+                training = {
+                    "algo": row.get("algo"),
+                    "mode": row.get("mode"),
+                    "alpha": row.get("alpha"),
+                    "beta": row.get("beta"),
+                    "lr": self._train_setting("lr"),
+                    "steps": row.get("steps"),
+                    "rows": row.get("examples"),
+                    "target_len": row.get("target_len"),
+                    "dtype": None,
+                }
+                card = training_record(path) or {}
+                training.update({k: v for k, v in card.items() if v is not None})
+                models.append(EvalModel(label, path, "trained", row.get("algo"), row.get("mode"), True, training))
         for spec in self.config.models:
             label, path = parse_model_spec(spec)
             path = (
@@ -188,7 +293,7 @@ class EvalStage(Stage):
             )
             rec = training_record(path)
             if rec:
-                models.append(EvalModel(label, path, "trained", rec["algo"], rec["mode"]))
+                models.append(EvalModel(label, path, "trained", rec["algo"], rec["mode"], training=rec))
             else:
                 models.append(EvalModel(label, path, "model"))
         if not models:
@@ -206,6 +311,7 @@ class EvalStage(Stage):
                 fp[spec] = dir_fingerprint(path)["sha256"]
         # Settings eval takes from other sections: `solopo eval` has no upstream key that would carry them.
         fp["max_tokens"] = self.max_tokens()[0]
+        fp["dtype"] = self.inference_dtype()[0]  # follows train.dtype on GPU
         fp["synth"] = self.synth_config(None).model_dump(
             mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
         )
@@ -287,6 +393,7 @@ class EvalStage(Stage):
             path,
             ctx_note=self.ctx.note,
             trust_remote_code=self.ctx.run.trust_remote_code,
+            dtype=self.inference_dtype()[0],
             batch_size=self.config.batch_size,
             tensor_parallel_size=self.config.tensor_parallel_size,
             log_file=self.ctx.out_dir / "vllm.log",  # vLLM's own output, off the console (issue 26.1)
@@ -381,7 +488,7 @@ class EvalStage(Stage):
         for model, info in zip(models, self._models_info, strict=True):
             backend = self._backend(self._generation_path(model, info))
             info["backend"] = backend.name
-            info["dtype"] = str(getattr(backend, "dtype", "engine default"))
+            info["dtype"], info["dtype_from"] = effective_dtype(backend, self.inference_dtype()[0])
             info["backend_settings"] = dict(getattr(backend, "settings", {}))  # engine options, when it states them
             try:
                 fits = self._fit_context(backend, model, rows, max_tokens)
@@ -427,7 +534,9 @@ class EvalStage(Stage):
             "n_questions_requested": c.n_questions,
             "n_per_cell": per_cell,
             "datasets": list(c.datasets),
-            "sources": {ds: c.musique_source if ds == "musique" else c.hotpotqa_source for ds in c.datasets},
+            "sources": {
+                ds: self.display_path(c.musique_source if ds == "musique" else c.hotpotqa_source) for ds in c.datasets
+            },
             "lengths": list(c.lengths),
             "depths": None if c.depths is None else list(c.depths),
             "decoding": "greedy (temperature 0), one answer per prompt",
@@ -439,19 +548,67 @@ class EvalStage(Stage):
             "bootstrap": {"resamples": c.bootstrap_resamples, "seed": c.bootstrap_seed},
             "confidence": stats.CONFIDENCE,
             "backend_requested": c.backend,
+            "dtype_requested": self.inference_dtype()[0],
+            "dtype_requested_from": self.inference_dtype()[1],
             "batch_size": c.batch_size,
             "synth": synth.model_dump(
                 mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
             ),
-            "exclude_from": c.exclude_from,
+            "exclude_from": None if c.exclude_from is None else self.display_path(c.exclude_from),
             "adapters": getattr(self, "_adapters", {}),  # label -> how a LoRA adapter dir was evaluated
             "versions": library_versions(),
         }
 
+    def display_path(self, path: str, model: str | None = None, is_model: bool = False) -> str:
+        """A path as report.md/json show it: relative to the run dir when inside it, else for a model its hub id
+        (the HF cache's models--Org--Name, the embedded model's id; `model` as the user gave it), else the
+        folder's or file's name; never a machine path."""
+        from solopo.training.model_card import base_model_id
+
+        p = Path(path).expanduser()
+        if not p.exists():
+            return path  # a hub id or a shipped dataset name
+        try:
+            return p.resolve().relative_to(self.run_dir.expanduser().resolve()).as_posix()
+        except ValueError:
+            return base_model_id(model, str(p)) if is_model else p.name
+
+    def run_identity(self) -> dict[str, Any]:
+        """Which run made the report: run dir name, when, and a hash of its whole config (run_dir left out, so
+        the same settings in another directory hash the same)."""
+        from datetime import datetime, timezone
+
+        from solopo.pipeline.config import config_to_dict
+        from solopo.pipeline.io import stable_hash
+
+        cfg = config_to_dict(self.ctx.config)
+        cfg.get("run", {}).pop("run_dir", None)
+        return {
+            "run_id": Path(self.ctx.run.run_dir).expanduser().resolve().name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "config_sha256": stable_hash(cfg),
+            "seed": self.ctx.run.seed,
+        }
+
     def finalize(self, table: pa.Table) -> pa.Table:
+        models = getattr(self, "_models_info", None)
+        shown = None
+        if models is not None:
+            base = self.ctx.run.model
+            shown = [
+                {
+                    **m,
+                    "path": self.display_path(
+                        resolve_in_run(m["path"], self.run_dir),
+                        base if m["role"] == "base" else m["path"],
+                        is_model=True,
+                    ),
+                }
+                for m in models
+            ]
         report = summarize(
             table.to_pylist(),
-            models=getattr(self, "_models_info", None),
+            models=shown,
             skipped=getattr(self, "_skipped", ()),
             settings=self.report_settings(table),
             resamples=self.config.bootstrap_resamples,
@@ -464,6 +621,7 @@ class EvalStage(Stage):
             plot_depth(report, out / "accuracy_vs_depth.png")
             plots.append("accuracy_vs_depth.png")
         report["plots"] = plots
+        report = {"run": self.run_identity(), **report}
         write_json(report, out / "report.json")
         write_text(report_markdown(report), out / "report.md")
         add_to_model_cards(report, self.ctx.note, self.run_dir)

@@ -58,6 +58,8 @@ class TrainStage(Stage):
         """The newest readable checkpoint a killed run left (models/<algo>-<mode>.checkpoints/step-N)."""
         best: tuple[int, Path] | None = None
         for meta in out_dir.glob("models/*.checkpoints/step-*/solopo.json"):
+            if not meta.parent.name.removeprefix("step-").isdigit():
+                continue  # step-3.tmp (an interrupted save), step-3.bak: not a checkpoint
             try:
                 step = json.loads(meta.read_text()).get("step")
             except (OSError, UnicodeDecodeError, ValueError, AttributeError):
@@ -82,6 +84,7 @@ class TrainStage(Stage):
         from solopo.models import resolve_model
         from solopo.training.launch import launch_plan, run_launched
         from solopo.training.loop.trainer import train
+        from solopo.training.plan import prelaunch_check
 
         cfg: TrainConfig = self.config
         if data is not None and data.num_rows == 0:  # select ran with allow_empty=true: say why it is empty
@@ -107,6 +110,8 @@ class TrainStage(Stage):
             source=source,
             trust_remote_code=self.ctx.run.trust_remote_code,
         )
+        # before the model loads: refuse what cannot fit; deepspeed=auto on a GPU becomes the plan's choice
+        cfg = prelaunch_check(cfg, model_path, data, plan.num_processes, self.ctx.note, self.ctx.stat)
         if plan.in_process:
             result = train(cfg, ctx=self.ctx, **kw)
         else:

@@ -46,7 +46,9 @@ class TrainConfig(StageConfig):
     orpo_lambda: float = Field(default=0.1, description="ORPO odds-ratio weight (ORPO paper; TRL's ORPOConfig.beta)")
     orpo_nll: Literal["completion", "sequence"] = Field(
         default="completion",
-        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer)",
+        description="ORPO NLL over the chosen completion (paper) or the whole prompt+completion (TRL's ORPOTrainer); "
+        "either way averaged per token within each example, then over the batch's examples, where TRL averages over "
+        "all tokens of the batch at once (equal at micro_batch_size 1 or equal lengths)",
     )
     ra_ref: Literal["long", "short"] = Field(
         default="long", description="DPO long reward reference: pi_ref(y_w|x_long) precomputed, or reuse the short one"
@@ -122,6 +124,14 @@ class TrainConfig(StageConfig):
     merge_adapter: bool = Field(
         default=True,
         description="with peft: also save the adapter merged into the base (what eval loads); false: adapter only",
+    )
+    skip_plan: bool = Field(
+        default=False, description="launch even when the memory plan (solopo plan) says the run cannot fit"
+    )
+    gpu_mem_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="GiB per GPU for the pre-launch memory plan; None = the GPU's own (on a CPU: no check)",
     )
 
     @field_validator("target_len", "max_length", mode="before")

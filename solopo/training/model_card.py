@@ -174,7 +174,12 @@ def write_model_card(
         model_name=name,
         pipeline_tag="text-generation",
         tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"]
-        + (["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub else [])] if peft else []),
+        # an adapter-only dir is an adapter of the base (HF's base_model relation); a merged one is a fine-tune
+        + (
+            ["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub and adapter_only else [])]
+            if peft
+            else []
+        ),
     )
     setting = {
         "algorithm": algo,
@@ -266,11 +271,13 @@ def add_eval_results(
     *,
     title: str = "Evaluation",
     notes: str = "",
+    tables: list[tuple[str, list[dict[str, Any]]]] = (),
 ) -> Path:
     """Add (or replace) the evaluation section of model_dir/README.md: a markdown table of `rows` (one dict per
-    row; columns in first-seen key order; floats shown with 4 significant digits) under `## {title}`, followed by
-    `notes` (units, settings). Idempotent: a second call replaces the first call's section. The card must exist
-    (written by the train stage); returns its path."""
+    row; columns in first-seen key order; floats shown with 4 significant digits) under `## {title}`, then each
+    of `tables` (subtitle, rows) under its own `### subtitle` (a table of another unit gets its own header row),
+    followed by `notes` (units, settings). Idempotent: a second call replaces the first call's section. The card
+    must exist (written by the train stage); returns its path."""
     from huggingface_hub import ModelCard
 
     from solopo.pipeline.errors import SolopoError
@@ -280,6 +287,9 @@ def add_eval_results(
         raise SolopoError(f"{path}: no model card to add eval results to (train writes it; rerun `solopo train`)")
     text = path.read_text()
     section = f"{_EVAL_START}\n## {title}\n\n{_table(rows) if rows else 'No evaluation rows.'}\n"
+    for subtitle, sub_rows in tables:
+        if sub_rows:
+            section += f"\n### {subtitle}\n\n{_table(sub_rows)}\n"
     section += (f"\n{notes.strip()}\n" if notes.strip() else "") + _EVAL_END
     pattern = re.compile(re.escape(_EVAL_START) + r".*?" + re.escape(_EVAL_END), re.S)
     if pattern.search(text):

@@ -1,0 +1,213 @@
+"""`solopo plan` and the pre-launch check: the prediction against a measured CPU peak, the head-count rule for
+sp_size, train.deepspeed=auto taking the plan's choice (recorded), and a refusal before any model loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from solopo.pipeline.errors import SolopoError
+from solopo.training import plan as P
+from solopo.training.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer model wide enough (hidden 256) that its step's memory stands out of RSS noise."""
+    from solopo.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "wide", num_layers=2, hidden_size=256)
+
+
+def _measure(model: Path, mode: str, long_len: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": str(2**20), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, str(REPO / "bench" / "plan" / "measure_cpu.py"), "--one", mode, str(long_len)]
+    argv += ["--model", str(model), "--short", "512", "--completion", "64"]
+    p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode,long_len", [("solo", 2048), ("long", 4096)])
+def test_plan_matches_measured_peak_on_cpu(wide_model_dir, mode, long_len):
+    """The plan (config.json only) against the peak of live tensors of one real train_step, measured from RSS in a
+    fresh process: within 20% (bench/plan reports the embedded model's points; RSS adds a few MB of noise at this
+    size)."""
+    measured = _measure(wide_model_dir, mode, long_len)["measured_gb"]
+    facts = P.load_model_facts(str(wide_model_dir))
+    machine = P.Machine(gpus=1, gpu_mem_gb=24, device="cpu")
+    shape = P.RunShape(mode=mode, algo="simpo", long_len=long_len, short_len=512, completion=64)
+    tr = P.trace_step(facts, shape, machine.torch_dtype)
+    predicted = P.estimate(facts, P.Combo(), machine, tr, two_forwards=mode == "solo").total / 2**30
+    assert abs(predicted - measured) <= 0.20 * measured, (predicted, measured)
+
+
+def test_trace_holds_no_quadratic_tensor(tiny_model_dir):
+    """At 32K tokens one (s, s) bool mask would be 1 GiB; the traced step (as the code runs it: no mask, sdpa
+    is_causal, chunked LM head) stays far below it."""
+    facts = P.load_model_facts(str(tiny_model_dir))
+    L = 32768
+    tr = P.trace_step(facts, P.RunShape(mode="long", long_len=L, completion=64), torch.float32)
+    assert tr.activations < L * L, tr
+
+
+def qwen_like(heads: int = 28, kv: int = 4):
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(
+        hidden_size=32 * heads // 4 * 4,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=1000,
+    )
+    return P.facts_from_config(cfg, f"qwen-like {heads}/{kv}")
+
+
+def test_sp_head_count_rule(tmp_path):
+    assert P.valid_sp_sizes(P.load_model_facts(str(big_config_dir(tmp_path))), 8) == [1, 2, 4, 8]  # 16 / 4 heads
+    assert P.valid_sp_sizes(qwen_like(28, 4), 8) == [1, 2, 4]  # Qwen2.5-7B's heads: 7 and 28 do not divide 8
+    assert P.valid_sp_sizes(qwen_like(32, 4), 8) == [1, 2, 4, 8]  # kv 4 < sp 8: DeepSpeed replicates KV heads
+    assert P.valid_sp_sizes(qwen_like(28, 4), 6) == [1, 2]
+
+
+def test_plan_refuses_sp_size_the_heads_do_not_allow():
+    """The embedded SmolLM2 has 9 heads / 3 KV heads: sp 2 is refused (exit 2 through the CLI), naming the valid
+    sizes, before any trace runs."""
+    from solopo.pipeline.errors import ConfigError
+
+    cfg = TrainConfig(sp_size=2)
+    with pytest.raises(ConfigError, match=r"sp_size=2 does not fit.*9 attention heads, 3 KV heads.*1, 3, 9"):
+        P.plan_for_config(cfg, None, 2048, P.Machine(gpus=2, gpu_mem_gb=80))
+
+
+def big_config_dir(tmp_path: Path) -> Path:
+    """A checkpoint dir with a config.json only (the plan needs no weights): 0.6B parameters in 8 layers."""
+    from transformers import LlamaConfig
+
+    d = tmp_path / "cfg-only"
+    LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ).save_pretrained(d)
+    return d
+
+
+def test_cli_plan_json_and_emit(tmp_path, tiny_model_dir, keep_logging):
+    from typer.testing import CliRunner
+
+    from solopo.cli import app
+
+    model = str(tiny_model_dir)
+    args = ["plan", "--model", model, "--target-len", "4k", "--gpus", "2", "--gpu-mem", "80", "--json"]
+    res = CliRunner().invoke(app, [*args, "--completion", "64", "--emit", str(tmp_path / "launch")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{") :])
+    assert out["valid_sp"] == [1, 2] and out["choice"]["fits"] and out["choice"]["combo"]["label"] == "plain sp1"
+    labels = [e["combo"]["label"] for e in out["estimates"]]
+    assert labels[:3] == ["plain sp1", "ZeRO-2 sp1", "ZeRO-3 sp1"] and "ZeRO-3+off-all sp1 lora" in labels
+    for e in out["estimates"]:  # every row is split into its parts, which add up to the total at the peak
+        parts = e["weights"] + e["gradients"] + e["optimizer"] + e["activations"] + e["logits"]
+        assert parts == pytest.approx(e["total"], rel=1e-6) and e["max_len"] >= 4096
+    z3 = next(e for e in out["estimates"] if e["combo"]["label"] == "ZeRO-3 sp1")
+    plain, n = out["estimates"][0], out["params"]
+    # hand-worked: plain torch AdamW keeps exp_avg + exp_avg_sq in bf16 (4 bytes/param); ZeRO-3 keeps fp32
+    # master + Adam state (12 bytes/param) sharded over the 2 ranks
+    assert plain["optimizer"] == pytest.approx(4 * n / 2**30) and z3["optimizer"] == pytest.approx(6 * n / 2**30)
+    launch = tmp_path / "launch"
+    cmd = (launch / "train_command.sh").read_text()
+    assert f"--model {model}" in cmd and "train.num_processes=2" in cmd and "train.deepspeed=none" in cmd
+    assert "slots=2" in (launch / "hostfile").read_text()
+
+
+@pytest.fixture
+def keep_logging():
+    import logging
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = saved, level
+
+
+def test_auto_takes_the_plans_choice_and_records_it(tmp_path, monkeypatch):
+    """On a GPU, train.deepspeed=auto becomes the fastest setting that fits: with a budget between plain torch's
+    peak and ZeRO-2's on 8 GPUs, ZeRO-2; the note and the stats say so (they go to the train manifest)."""
+    model = big_config_dir(tmp_path)
+    facts = P.load_model_facts(str(model))
+    rows = [{"target_len": 2048, "short_tokens": 500, "long_tokens": 2000, "chosen_tokens": 100, "rejected_tokens": 80}]
+    table = pa.Table.from_pylist(rows)
+    monkeypatch.setattr(P.torch.cuda, "is_available", lambda: True)
+    shape = P.RunShape(mode="solo", long_len=2016, short_len=516, completion=116)
+    two = [P.Combo("none"), P.Combo("zero2")]
+    probe = P.make_plan(facts, shape, P.Machine(gpus=8, gpu_mem_gb=1000), only=two, search=False)
+    total = {e.combo.label: e.total for e in probe.estimates}
+    assert total["ZeRO-2 sp1"] < total["plain sp1"]
+    mem = (total["ZeRO-2 sp1"] + total["plain sp1"]) / 2 / (1 - P.DEFAULT_MARGIN)
+    notes, stats = [], {}
+    cfg = TrainConfig(deepspeed="auto", gpu_mem_gb=mem)
+    out = P.prelaunch_check(cfg, str(model), table, 8, notes.append, stats.__setitem__)
+    assert out.deepspeed == "zero2"
+    assert any(n.startswith("train.deepspeed=auto -> zero2 (memory plan:") for n in notes), notes
+    assert stats["plan_setting"] == "ZeRO-2 sp1" and stats["plan_peak_gb"] <= mem
+
+
+def test_train_refuses_before_loading_the_model(tmp_path, tiny_model_dir, keep_logging, monkeypatch):
+    """`solopo train` with a configuration the plan says cannot fit stops with exit 2 and the table, before the
+    training loop (and its model load) starts; train.skip_plan=true launches anyway."""
+    import test_train
+    from typer.testing import CliRunner
+
+    from solopo.cli import app
+    from solopo.training.loop import trainer
+
+    original = test_train.export_rows
+
+    def rows() -> list[dict]:
+        return [dict(r, chosen_tokens=20, rejected_tokens=20) for r in original()]
+
+    monkeypatch.setattr(test_train, "export_rows", rows)
+    run_dir = tmp_path / "run"
+    common = [f"run.run_dir={run_dir}", f"run.model={tiny_model_dir}"]
+    test_train.write_export_chain(run_dir, common)
+    loaded = []
+
+    def no_train(*a, **k):
+        loaded.append(1)
+        raise SolopoError("the training loop started")
+
+    monkeypatch.setattr(trainer, "train", no_train)
+    sets = [x for c in common for x in ("--set", c)]
+    res = CliRunner().invoke(app, ["train", *sets, "--set", "train.gpu_mem_gb=0.01"])
+    assert res.exit_code == 2, res.output
+    assert "does not fit 0.01 GiB per GPU" in res.output and "plain sp1" in res.output and "skip_plan" in res.output
+    assert not loaded
+    res = CliRunner().invoke(app, ["train", *sets, "--set", "train.gpu_mem_gb=0.01", "--set", "train.skip_plan=true"])
+    assert loaded and "the training loop started" in res.output
+
+
+def test_cpu_without_gpu_memory_skips_with_a_note(tiny_model_dir):
+    notes = []
+    cfg = TrainConfig()
+    assert P.prelaunch_check(cfg, str(tiny_model_dir), None, 1, notes.append, lambda *a: None) is cfg
+    assert notes == ["memory plan not checked: no GPU, and train.gpu_mem_gb is not set"]
+
+
+def test_hub_id_without_cache_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SolopoError, match="not in the local Hugging Face cache"):
+        P.load_model_facts("no-such-org/no-such-model-xyz")
