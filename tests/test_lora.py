@@ -178,7 +178,8 @@ def test_model_card_names_the_adapter(lora_run, tiny_model_dir):
     write_model_card(d, base_model="Org/Base", result=lora_run, train_config={}, datasets=["musique"])
     card = ModelCard((d / "README.md").read_text())
     assert card.data.base_model == "Org/Base" and card.data.library_name == "transformers"
-    assert {"peft", "lora", "base_model:adapter:Org/Base"} <= set(card.data.tags)
+    assert {"peft", "lora"} <= set(card.data.tags)
+    assert "base_model:adapter:Org/Base" not in card.data.tags  # merged: a fine-tune of the base, not an adapter
     assert "| LoRA r / alpha / dropout | 4 / 8 / 0 |" in card.text and "q_proj" in card.text
     assert "the adapter merged into the base (adapter in `adapter/`)" in card.text
 
@@ -190,6 +191,14 @@ def test_adapter_only_run_and_eval_merge(lora_run, tiny_model_dir, tmp_path):
             gradient_checkpointing=True)  # fmt: skip
     d = Path(r["model_path"])
     assert lora.is_adapter_dir(d) and not (d / "model.safetensors").exists() and (d / "tokenizer.json").exists()
+    from huggingface_hub import ModelCard
+
+    from solopo.training.model_card import write_model_card
+
+    write_model_card(d, base_model="Org/Base", result=r, train_config={}, datasets=[])
+    card = ModelCard((d / "README.md").read_text())
+    assert card.data.library_name == "peft" and "base_model:adapter:Org/Base" in card.data.tags
+    assert "PeftModel.from_pretrained(base" in card.text and "the adapter only" in card.text
     notes: list[str] = []
     path, info = lora.merged_for_eval(d, tmp_path / "merged", notes.append)
     assert info["base_model"] == str(tiny_model_dir) and info["how"] == "peft merge_and_unload"

@@ -174,7 +174,12 @@ def write_model_card(
         model_name=name,
         pipeline_tag="text-generation",
         tags=["solopo", "trl", algo, f"solopo-{mode}", "long-context"]
-        + (["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub else [])] if peft else []),
+        # an adapter-only dir is an adapter of the base (HF's base_model relation); a merged one is a fine-tune
+        + (
+            ["peft", peft["method"], *([f"base_model:adapter:{base_model}"] if on_hub and adapter_only else [])]
+            if peft
+            else []
+        ),
     )
     setting = {
         "algorithm": algo,

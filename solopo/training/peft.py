@@ -111,6 +111,9 @@ def wrap(lm: torch.nn.Module, cfg, zero3: bool, note) -> Any:
     model = peft.get_peft_model(lm, lora_config(cfg), **kwargs)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
+    if cfg.lora.dropout > 0:
+        note(f"LoRA dropout {cfg.lora.dropout:g} on the adapter inputs (train.disable_dropout=false): DPO's step-1 "
+             "loss is not log 2")  # fmt: skip
     trainable, total = model.get_nb_trainable_parameters()
     targets = target_names(model)
     note(
