@@ -1,5 +1,5 @@
 """Sequence parallelism (train.sp_size, DeepSpeed Ulysses/ALST) on CPU with gloo, on the tiny 2-layer model
-(4 attention heads, 2 KV heads: sp 4 exercises ALST's KV-head replication).
+(width 128: 4 attention heads, 2 KV heads; sp 4 exercises ALST's KV-head replication).
 
 The numerics: one launch per world size runs every case (algorithm x mode, shared prefix, ORPO's sequence NLL,
 the DPO reference pass) on the same batch in float32 and reports per-example losses and rewards, the reference
@@ -61,7 +61,7 @@ def launch_args(world: int, args: list[str], out: Path, env_extra: dict | None =
         }
         cmd = [sys.executable, __file__, *args]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     if not ok:
         assert all(p.returncode != 0 for p in procs), "\n".join(x[-3000:] for x in logs)
         return {"logs": logs}
@@ -70,8 +70,16 @@ def launch_args(world: int, args: list[str], out: Path, env_extra: dict | None =
 
 
 @pytest.fixture(scope="module")
-def one_rank(tiny_model_dir, tmp_path_factory):
-    return launch(1, "1", tiny_model_dir, tmp_path_factory.mktemp("sp1") / "r.json")
+def sp_model(tmp_path_factory) -> Path:
+    """The tiny Llama at width 128: 4 attention heads, 2 KV heads (valid sp sizes 1, 2, 4; sp 4 replicates KV)."""
+    from solopo.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-4h", num_layers=2, hidden_size=128)
+
+
+@pytest.fixture(scope="module")
+def one_rank(sp_model, tmp_path_factory):
+    return launch(1, "1", sp_model, tmp_path_factory.mktemp("sp1") / "r.json")
 
 
 def assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
@@ -88,12 +96,13 @@ def assert_same(got: dict, want: dict, tol: float = 1e-5) -> None:
 
 
 # one launch per topology: a second ALST setup in a process that already ran one under another SP size desyncs gloo
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
 @pytest.mark.parametrize("world,sps", [(2, "2"), (4, "4"), (4, "2")], ids=["sp2", "sp4", "dp2xsp2"])
-def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, world, sps):
+def test_sp_equals_one_rank_for_every_loss(sp_model, tmp_path, one_rank, world, sps):
     """Per-example losses, rewards (and the RA distance), DPO reference log-probs and the gradient norm under SP
     equal one rank's within 1e-5 for every case: sp 2, sp 4 (KV heads replicated), and 4 ranks as 2 DP groups of
     sp 2 (each group half the batch)."""
-    got_all = launch(world, sps, tiny_model_dir, tmp_path / "r.json")
+    got_all = launch(world, sps, sp_model, tmp_path / "r.json")
     one = one_rank["1"]
     assert all(v["grad_norm"] > 0 for k, v in one.items() if k not in ("reference", "meta"))
     assert "uattn" not in one["meta"]["sdpa"]
@@ -105,7 +114,8 @@ def test_sp_equals_one_rank_for_every_loss(tiny_model_dir, tmp_path, one_rank, w
     assert_same(got, one)
 
 
-def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
+def test_train_zero3_sp_resumes_and_equals_one_rank(sp_model, tmp_path):
     """The real train() on 2 ranks, ZeRO-3 (parameters partitioned over both), sp 2: killed after its step-2
     checkpoint, relaunched, it resumes there; its per-step losses, rewards and gradient norms and its final weights
     equal one plain process's (step 1 within 1e-5; later steps within 1e-4: Adam's m/sqrt(v) magnifies the last
@@ -116,7 +126,7 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
     kw = dict(algo="dpo", max_steps=3, save_steps=2, micro_batch_size=1, grad_accum=1, lr=1e-3, max_grad_norm=1e9)
     out, res = tmp_path / "sp", tmp_path / "result.json"
     spec = json.dumps({**kw, "deepspeed": "zero3", "sp_size": 2})
-    args = ["train", str(tiny_model_dir), str(out), spec, str(res)]
+    args = ["train", str(sp_model), str(out), spec, str(res)]
     crashed = launch_args(2, args, res, env_extra={"SOLOPO_TEST_KILL_AT_STEP": "3"}, ok=False)
     assert any("simulated kill at step 3" in x for x in crashed["logs"])
     ckpt = out / "models" / "dpo-solo.checkpoints"
@@ -125,7 +135,7 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
     assert any("resumed from checkpoint" in n and "step-2" in n for n in got["notes"]), got["notes"]
     assert got["sp_size"] == 2 and got["world_size"] == 2 and got["deepspeed"] == "zero3" and got["steps"] == 3
 
-    one = run(tmp_path / "one", tiny_model_dir, **{**kw, "deepspeed": "none"})  # the same batches (dp 1)
+    one = run(tmp_path / "one", sp_model, **{**kw, "deepspeed": "none"})  # the same batches (dp 1)
     rows = [json.loads(x) for x in (Path(got["model_path"]) / "logs.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -137,13 +147,14 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(tiny_model_dir, tmp_path):
         torch.testing.assert_close(w_sp[k], w_one[k], rtol=1e-4, atol=1e-5)
 
 
-def test_head_count_error_names_valid_sizes(tmp_path, tiny_model_dir):
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
+def test_head_count_error_names_valid_sizes(tmp_path, sp_model):
     """sp_size=3 with 4 attention heads: the CLI stops before launching (exit 2) and names the valid sizes."""
     sys.path.insert(0, str(Path(__file__).parent))
     from test_train import write_export_chain
 
     run_dir = tmp_path / "run"
-    common = [f"run.run_dir={run_dir}", f"run.model={tiny_model_dir}", "run.seed=0"]
+    common = [f"run.run_dir={run_dir}", f"run.model={sp_model}", "run.seed=0"]
     write_export_chain(run_dir, common)
     sets = [*common, "train.num_processes=3", "train.sp_size=3", "train.deepspeed=zero2", "train.max_steps=1"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
@@ -159,7 +170,7 @@ def test_head_count_error_names_valid_sizes(tmp_path, tiny_model_dir):
     assert "launching" not in log and "Traceback" not in log
 
 
-def test_sp_config_checks(tiny_model_dir):
+def test_sp_config_checks(sp_model):
     from pydantic import ValidationError
 
     from solopo.pipeline.errors import ConfigError
@@ -177,9 +188,9 @@ def test_sp_config_checks(tiny_model_dir):
     assert valid_sp_sizes(28, 4) == [1, 2, 4, 28]
     assert valid_sp_sizes(32, 8) == [1, 2, 4, 8, 16, 32]  # Llama-3-8B: 16 and 32 replicate the 8 KV heads
     assert valid_sp_sizes(4, 2) == [1, 2, 4]
-    check_sp(TrainConfig(sp_size=4), str(tiny_model_dir), 8)  # fine: 4 heads, 2 KV heads replicated
+    check_sp(TrainConfig(sp_size=4), str(sp_model), 8)  # fine: 4 heads, 2 KV heads replicated
     with pytest.raises(ConfigError, match="divisible by it \\(now 6\\)"):
-        check_sp(TrainConfig(sp_size=4), str(tiny_model_dir), 6)
+        check_sp(TrainConfig(sp_size=4), str(sp_model), 6)
 
 
 # --- the worker: python tests/test_sp.py MODEL OUT SP ZERO (one process per rank) ----------------------------------

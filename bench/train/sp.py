@@ -168,8 +168,8 @@ def main() -> None:
     base_t = max(r["solo"]["step_s"] for r in rows if r["sp"] == rows[0]["sp"])
     lines = [
         f"# Sequence parallelism on {a.shape}: long {a.long} + short {a.short} tokens, completion {a.completion} "
-        f"(CPU, gloo, ZeRO-2, float32, gradient checkpointing; `python3 bench/train/sp.py --sps {a.sps} --long "
-        f"{a.long}`)",
+        f"(CPU, gloo, ZeRO-2, float32, gradient checkpointing; `python3 bench/train/sp.py --shape {a.shape} --sps "
+        f"{a.sps} --long {a.long} --short {a.short} --steps {a.steps}`)",
         "",
         "No GPU was lent to this task: CPU rows only. All ranks share the machine's 2 cores, so step times do not",
         "fall with sp here; the per-rank memory of the step does. Ratios are against the first SP size of this run.",

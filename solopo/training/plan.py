@@ -125,7 +125,11 @@ def load_model_facts(model: str | None) -> ModelFacts:
 
     from solopo.models import resolve_model
 
-    path = resolve_model(model)
+    local = Path(model).expanduser() if model else None
+    if local is not None and (local / "config.json").is_file():
+        path = str(local.resolve())  # a config.json is all the plan reads: no weights or tokenizer needed
+    else:
+        path = resolve_model(model)  # the embedded model; a hub id: in the local cache, or a clear error
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
