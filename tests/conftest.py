@@ -31,3 +31,14 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def keep_logging():
+    """The CLI points logging at CliRunner's stream, which closes after invoke: restore the handlers."""
+    import logging
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    yield
+    root.handlers[:], root.level = saved, level

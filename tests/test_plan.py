@@ -134,16 +134,6 @@ def test_cli_plan_json_and_emit(tmp_path, tiny_model_dir, keep_logging):
     assert "slots=2" in (launch / "hostfile").read_text()
 
 
-@pytest.fixture
-def keep_logging():
-    import logging
-
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-    yield
-    root.handlers[:], root.level = saved, level
-
-
 def test_auto_takes_the_plans_choice_and_records_it(tmp_path, monkeypatch):
     """On a GPU, train.deepspeed=auto becomes the fastest setting that fits: with a budget between plain torch's
     peak and ZeRO-2's on 8 GPUs, ZeRO-2; the note and the stats say so (they go to the train manifest)."""

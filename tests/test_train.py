@@ -183,17 +183,6 @@ def write_export_chain(run_dir: Path, overrides: list[str]) -> None:
         up = key
 
 
-@pytest.fixture
-def keep_logging():
-    """The CLI points logging at CliRunner's stream, which closes after invoke: restore the handlers."""
-    import logging
-
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-    yield
-    root.handlers[:], root.level = saved, level
-
-
 def test_cli_train_recipe(tmp_path, tiny_model_dir, keep_logging):
     from typer.testing import CliRunner
 

@@ -73,17 +73,6 @@ def scripted(monkeypatch, tokenizer, golds):
     )
 
 
-@pytest.fixture
-def keep_logging():
-    """The CLI points logging at CliRunner's stream, which closes after invoke: restore the handlers."""
-    import logging
-
-    root = logging.getLogger()
-    saved, level = list(root.handlers), root.level
-    yield
-    root.handlers[:], root.level = saved, level
-
-
 def cli(*args: str) -> tuple[int, str]:
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert "Traceback" not in res.output, res.output
