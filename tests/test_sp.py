@@ -148,6 +148,27 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(sp_model, tmp_path):
 
 
 @pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
+def test_lora_under_zero3_sp_equals_one_rank(sp_model, tmp_path):
+    """LoRA (adapter-off reference) with ZeRO-3 and sp 2 on 2 ranks: the real train()'s per-step losses, rewards and
+    gradient norms equal one plain process's on the same batches (float32)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import run
+
+    kw = dict(algo="dpo", max_steps=2, save_steps=0, micro_batch_size=1, grad_accum=1, lr=1e-3, max_grad_norm=1e9,
+              peft="lora")  # fmt: skip
+    res = tmp_path / "result.json"
+    spec = json.dumps({**kw, "deepspeed": "zero3", "sp_size": 2})
+    got = launch_args(2, ["train", str(sp_model), str(tmp_path / "sp"), spec, str(res)], res)
+    assert got["peft"]["method"] == "lora" and got["sp_size"] == 2 and got["deepspeed"] == "zero3"
+    one = run(tmp_path / "one", sp_model, **{**kw, "deepspeed": "none"})
+    rows = [json.loads(x) for x in (Path(got["model_path"]) / "logs.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "grad_norm"):
+        assert [r[k] for r in rows] == pytest.approx([r[k] for r in ref], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
 def test_head_count_error_names_valid_sizes(tmp_path, sp_model):
     """sp_size=3 with 4 attention heads: the CLI stops before launching (exit 2) and names the valid sizes."""
     sys.path.insert(0, str(Path(__file__).parent))
