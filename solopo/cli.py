@@ -380,7 +380,7 @@ def run_all(
     _print_summary(summaries, cfg.run.run_dir)
     report = Path(cfg.run.run_dir) / "eval" / "report.md"
     if report.exists():
-        typer.echo("\n" + report.read_text())
+        _print_report_head(report)
 
 
 @app.command("eval")
@@ -467,7 +467,14 @@ def eval_(
         with run_dir_lock(cfg.run.run_dir):
             summaries = Pipeline([CompareEvalStage], cfg).run(force=forced, rerun=rerun)
     _print_summary(summaries, cfg.run.run_dir)
-    typer.echo("\n" + (Path(cfg.run.run_dir) / "eval" / "report.md").read_text())
+    _print_report_head(Path(cfg.run.run_dir) / "eval" / "report.md")
+
+
+def _print_report_head(report: Path) -> None:
+    """The report's accuracy table (its first section) on the console; the comparisons, the sample-size advice and
+    the settings stay in the file, named here (a console of solopo's own lines, not a document)."""
+    head = report.read_text().split("\n## ", 1)[0].rstrip()
+    typer.echo(f"\n{head}\n\nFull report (paired comparisons, how many questions, settings): {report}")
 
 
 def _run_with_ids(run: Path | None) -> str | None:

@@ -166,3 +166,20 @@ def test_missing_upstream_output_is_a_clear_error(tmp_path):
     config = build_config(overrides={"run": {"run_dir": str(tmp_path / "run")}})
     with pytest.raises(SolopoError, match="needs the output of 'load', which has not run"):
         Pipeline(chain("synth", start="synth"), config).run()
+
+
+class Logs(Src):
+    """A stage that leaves a log beside its table, as sample and eval leave vllm.log."""
+
+    def run(self, data):
+        (self.ctx.out_dir / "engine.log").write_text("engine started\n")
+        return super().run(data)
+
+
+def test_a_log_appended_after_the_stage_reruns_nothing(tmp_path):
+    """vLLM's engine process can write to its log after the stage's manifest was written (its exit warnings): a
+    log is listed by size only and never verified, so a rerun stays a no-op."""
+    assert [v["status"] for v in Pipeline([Logs], cfg(tmp_path)).run().values()] == ["ran"]
+    with open(tmp_path / "run" / "src" / "engine.log", "a") as f:
+        f.write("resource_tracker: There appear to be 1 leaked shared_memory objects to clean up at shutdown\n")
+    assert [v["status"] for v in Pipeline([Logs], cfg(tmp_path)).run().values()] == ["cached"]

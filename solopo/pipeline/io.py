@@ -121,9 +121,10 @@ _SMALL = 8 << 20  # files below this are hashed whole
 
 
 def is_document(name: str) -> bool:
-    """Hand-editable documents (data and model cards, report.md): never part of a cache key or an integrity
-    check, so editing one reruns nothing. Only data files (tables, weights, configs) decide what is redone."""
-    return name.lower().endswith(".md")
+    """Hand-editable documents (data and model cards, report.md) and logs (vllm.log, which vLLM's engine process
+    may still append to after the stage finished): never part of a cache key or an integrity check, so editing or
+    appending to one reruns nothing. Only data files (tables, weights, configs) decide what is redone."""
+    return name.lower().endswith((".md", ".log"))
 
 
 def _safetensors_header(path: Path) -> bytes:
