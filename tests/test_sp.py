@@ -139,12 +139,14 @@ def test_train_zero3_sp_resumes_and_equals_one_rank(sp_model, tmp_path):
     rows = [json.loads(x) for x in (Path(got["model_path"]) / "logs.jsonl").read_text().splitlines()]
     ref = [json.loads(x) for x in (Path(one["model_path"]) / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for k in ("loss", "reward_chosen", "reward_rejected", "ra_distance", "grad_norm", "tokens"):
+    for k in ("loss", "rewards/chosen", "rewards/rejected", "ra_distance", "grad_norm", "num_tokens"):
         assert rows[0][k] == pytest.approx(ref[0][k], rel=1e-5, abs=1e-6), k
         assert [r[k] for r in rows] == pytest.approx([r[k] for r in ref], rel=1e-4, abs=1e-5), k
     w_sp, w_one = weights(got["model_path"]), weights(one["model_path"])
     for k in w_one:
-        torch.testing.assert_close(w_sp[k], w_one[k], rtol=1e-4, atol=1e-5)
+        # lr 1e-3: Adam moves an element by up to ~lr a step, and a near-zero fp32 gradient whose sign differs
+        # between the two runs moves it by a fraction of that (seen: 10 of 6.3M elements, up to 3.9e-5)
+        torch.testing.assert_close(w_sp[k], w_one[k], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
