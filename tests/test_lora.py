@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from test_train import REPO, export_rows, run, write_export_chain
+from test_train import REPO, export_rows, killed_in_step, run, write_export_chain
 
 from solopo.pipeline.errors import ConfigError
 from solopo.training import peft as lora
@@ -54,21 +54,12 @@ def lora_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_one_dpo_step_matches_trl_with_lora(tiny_model_dir, tokenizer, tmp_path):
-    datasets = pytest.importorskip("datasets")
-    from test_peer_trl import ROWS, _args, _export_table
+    pytest.importorskip("datasets")
+    from test_peer_trl import _args, _export_table, trl_dataset
     from trl import DPOConfig, DPOTrainer
 
     cfg = TrainConfig(algo="dpo", alpha=0.0, peft="lora", lora=LORA)
-    ds = datasets.Dataset.from_list(
-        [
-            {
-                "prompt": [{"role": "user", "content": r["short_prompt"]}],
-                "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                "rejected": [{"role": "assistant", "content": r["rejected"]}],
-            }
-            for r in ROWS
-        ]
-    )
+    ds = trl_dataset()
     tr = DPOTrainer(
         model=_lm(tiny_model_dir),
         args=_args(DPOConfig, tmp_path, beta=0.1),
@@ -245,24 +236,10 @@ def test_resume_from_a_checkpoint_with_lora(tmp_path, tiny_model_dir):
     """Killed after the step-2 checkpoint, resumed: the same adapter as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    import solopo.training.loop.step as T
-
     kw = {"algo": "orpo", "max_steps": 4, "save_steps": 2, "peft": "lora", "lora": LORA, "merge_adapter": False}
     full = run(tmp_path / "full", tiny_model_dir, **kw)
-    real, calls = T._Agg.finish, {"n": 0}
-
-    def crash_in_step_4(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, *a, **k)
-
-    T._Agg.finish = crash_in_step_4
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "part", tiny_model_dir, **kw)
-    finally:
-        T._Agg.finish = real
+    with killed_in_step(4):
+        run(tmp_path / "part", tiny_model_dir, **kw)
     # the checkpoint holds the adapter (and the optimizer), not the frozen base
     ckpt = torch.load(tmp_path / "part/models/orpo-solo.checkpoints/step-2/state.pt", weights_only=True)
     assert ckpt["model"] and all("lora_" in k for k in ckpt["model"])

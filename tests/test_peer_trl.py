@@ -87,11 +87,9 @@ def _args(cls, tmp_path, **kw):
     )
 
 
-def test_dpo_matches_trl(models, tokenizer, tmp_path):
-    from trl import DPOConfig, DPOTrainer
-
-    policy, ref = models
-    ds = datasets.Dataset.from_list(
+def trl_dataset() -> datasets.Dataset:
+    """ROWS as TRL's conversational preference dataset (the short prompt, as SoLoPO's x_short)."""
+    return datasets.Dataset.from_list(
         [
             {
                 "prompt": [{"role": "user", "content": r["short_prompt"]}],
@@ -101,6 +99,13 @@ def test_dpo_matches_trl(models, tokenizer, tmp_path):
             for r in ROWS
         ]
     )
+
+
+def test_dpo_matches_trl(models, tokenizer, tmp_path):
+    from trl import DPOConfig, DPOTrainer
+
+    policy, ref = models
+    ds = trl_dataset()
     tr = DPOTrainer(
         model=policy,
         ref_model=ref,

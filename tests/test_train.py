@@ -3,6 +3,7 @@ a run under DeepSpeed ZeRO-3 on CPU (gloo), and the real `solopo train` CLI over
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -63,6 +64,27 @@ def run(tmp, tiny, **kw):
     return train(cfg, model_path=str(tiny), table=pa.Table.from_pylist(export_rows()), out_dir=tmp, seed=0)
 
 
+@contextlib.contextmanager
+def killed_in_step(n: int):
+    """The training run inside dies in optimizer step n (after step n-1's checkpoint), like a killed process."""
+    import solopo.training.loop.step as T  # _Agg lives with the step
+
+    real, calls = T._Agg.finish, {"n": 0}
+
+    def crash(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *a, **k)
+
+    T._Agg.finish = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        T._Agg.finish = real
+
+
 def weights(path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -120,23 +142,8 @@ def test_checkpoint_resume(tmp_path, tiny_model_dir):
     its logs.jsonl continues the checkpoint's rows (step 3 was logged before the kill and is redone: logged once)."""
     full = run(tmp_path / "full", tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     part = tmp_path / "part"
-    import solopo.training.loop.step as T  # _Agg lives with the step
-
-    real = T._Agg.finish
-    calls = {"n": 0}
-
-    def crash_in_step_4(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, *a, **k)
-
-    T._Agg.finish = crash_in_step_4
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
-    finally:
-        T._Agg.finish = real
+    with killed_in_step(4):
+        run(part, tiny_model_dir, algo="orpo", max_steps=4, save_steps=2)
     assert (part / "models" / "orpo-solo.checkpoints" / "step-2").exists()
     # the killed run's logs lived in its staging dir, removed with it: no model dir, no temp dir
     assert sorted(p.name for p in (part / "models").iterdir()) == ["orpo-solo.checkpoints"]
