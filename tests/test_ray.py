@@ -117,6 +117,27 @@ def test_ray_equals_local_with_batched_sampling(tmp_path, tiny_model_dir, local_
     assert by_id(ray2) == by_id(local)
 
 
+def test_ray_replicas_render_the_runs_chat_format(tmp_path, tiny_model_dir, local_ray):
+    """run.chat_template and run.system_prompt travel to the replicas with the backend's options (issue 26.10):
+    Ray's samples are the local engine's with the same chat format, and not those of the default format."""
+    from test_chat import SYSTEM, TEMPLATE
+
+    rows = synth_rows(3)
+
+    def samples(name: str, chat: dict, **sample) -> list[dict]:
+        run_dir = tmp_path / name
+        write_synth(run_dir, rows)
+        sample = {"backend": "transformers", "n": 2, "max_tokens": 6, "temperature": 0.85, **sample}
+        run = {"run_dir": str(run_dir), "model": str(tiny_model_dir), **chat}
+        Pipeline([SampleStage], build_config(overrides={"run": run, "sample": sample})).run()
+        return by_id(read_parquet(run_dir / "sample" / "data.parquet"))
+
+    chat = {"chat_template": TEMPLATE, "system_prompt": SYSTEM}
+    local = samples("local", chat)
+    assert samples("ray", chat, engine="ray", replicas=1) == local
+    assert samples("default", {}) != local  # the format changes the samples: the equality above means something
+
+
 @pytest.mark.vllm
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 def test_ray_equals_local_with_vllm(tmp_path, local_ray, tmp_path_factory):

@@ -5,8 +5,9 @@ transformers `generate` (always available).
     outs = backend.generate(user_contents, n=32, temperature=0.85, top_p=1.0, max_tokens=1024, seed=0)
     outs[i][j].text, .finish_reason ("stop" | "length"), .num_tokens
 
-Prompts are user-message contents; both backends render them with the model's chat template and the
-generation prompt, and feed token ids (not text) so that no backend adds a second BOS token.
+Prompts are user-message contents; both backends render them in the run's chat format (solopo.chat: the chat
+template, an optional system message, the generation prompt), and feed token ids (not text) so that no backend adds
+a second BOS token and vLLM applies no template of its own.
 temperature 0 means greedy decoding.
 
 This package holds the interface and the choice (here), the vLLM engine (`vllm_engine.py`) and the transformers
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from solopo.chat import ChatFormat
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 
 log = logging.getLogger("solopo")
@@ -78,18 +80,10 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def render_chat_ids(tokenizer: Any, content: str) -> list[int]:
-    """Token ids of [user: content] rendered with the chat template and the assistant generation prompt."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise SolopoError(
-            "the model's tokenizer has no chat template; use an instruct/chat checkpoint (prompts are chat messages)"
-        )
-    out = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
-    )
-    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
-        out = out["input_ids"]
-    return list(out)
+def render_chat_ids(tokenizer: Any, content: str, chat: ChatFormat | None = None) -> list[int]:
+    """Token ids of [system?, user: content] in the chat format (default: the tokenizer's template, no system
+    message) with the assistant generation prompt."""
+    return (chat or ChatFormat()).prompt_ids(tokenizer, content)
 
 
 def _seeds(seed: int | Sequence[int], k: int) -> list[int]:
@@ -124,7 +118,8 @@ def get_backend(
     transformers, and says which (ctx_note, which the stage manifest records). 'vllm' when vLLM is missing
     raises MissingDependencyError with the install command (no silent switch).
 
-    opts: trust_remote_code, dtype ("auto" | "bfloat16" | "float16" | "float32"), threads (CPU threads, None =
+    opts: chat (the ChatFormat prompts are rendered in; default: the tokenizer's template, no system message),
+    trust_remote_code, dtype ("auto" | "bfloat16" | "float16" | "float32"), threads (CPU threads, None =
     physical cores), reproducible (fp32 when dtype is auto; vLLM in this process); vLLM: log_file (the engine's
     own output), tensor_parallel_size, enable_prefix_caching, gpu_memory_utilization, max_model_len,
     enforce_eager, engine_kwargs (passed to LLM(...), e.g. data_parallel_size); transformers: batch_size
@@ -174,9 +169,11 @@ def _model_context(model_path: str, trust_remote_code: bool) -> int | None:
 
 
 class _ChatBackend:
-    """What both backends share: prompts are chat-rendered token ids; the context limit is the engine's."""
+    """What both backends share: prompts are token ids in the run's chat format; the context limit is the
+    engine's."""
 
     tokenizer: Any
+    chat: ChatFormat = ChatFormat()
     _max_context: int | None
 
     @property
@@ -184,7 +181,7 @@ class _ChatBackend:
         return self._max_context
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        return [len(render_chat_ids(self.tokenizer, p)) for p in prompts]
+        return [len(self.chat.prompt_ids(self.tokenizer, p)) for p in prompts]
 
 
 # The engines import the interface above; they are bound here, after it, for `from solopo.backends import ...`.

@@ -13,8 +13,8 @@ from solopo.backends import (
     ProgressFn,
     _ChatBackend,
     _seeds,
-    render_chat_ids,
 )
+from solopo.chat import ChatFormat
 from solopo.pipeline.errors import SolopoError
 
 log = logging.getLogger("solopo")
@@ -42,10 +42,13 @@ class TransformersBackend(_ChatBackend):
         threads: int | None = None,
         note: Callable[[str], None] | None = None,
         reproducible: bool = False,
+        chat: ChatFormat | None = None,
         **_: Any,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.chat = chat or ChatFormat()
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_cpu = self.device == "cpu"
@@ -104,7 +107,7 @@ class TransformersBackend(_ChatBackend):
         if not prompts:
             return []
         seeds = _seeds(seed, len(prompts))
-        ids = [render_chat_ids(self.tokenizer, p) for p in prompts]
+        ids = [self.chat.prompt_ids(self.tokenizer, p) for p in prompts]
         # Group prompts of similar length so left padding wastes little; each group holds
         # about batch_size sequences (prompts x n).
         per_call = max(1, self.batch_size // max(1, n))

@@ -33,8 +33,8 @@ from solopo.backends import (
     _cuda_available,
     _model_context,
     _seeds,
-    render_chat_ids,
 )
+from solopo.chat import ChatFormat
 from solopo.hardware import child_pids, stop_with_parent
 from solopo.pipeline.errors import MissingDependencyError
 
@@ -153,8 +153,10 @@ class VLLMBackend(_ChatBackend):
         note: Callable[[str], None] | None = None,
         log_file: str | Path | None = None,
         reproducible: bool = False,
+        chat: ChatFormat | None = None,
         **_: Any,
     ):
+        self.chat = chat or ChatFormat()
         note = note or (lambda msg: log.info("%s", msg))
         on_cpu = not _cuda_available()
         self.log_file = Path(log_file) if log_file is not None else None
@@ -269,7 +271,8 @@ class VLLMBackend(_ChatBackend):
             )
             for s in seeds
         ]
-        inputs = [{"prompt_token_ids": render_chat_ids(self.tokenizer, p)} for p in prompts]
+        # Token ids in the run's chat format: vLLM's generate() takes them as they are (no template of its own)
+        inputs = [{"prompt_token_ids": self.chat.prompt_ids(self.tokenizer, p)} for p in prompts]
         try:
             with engine_output_to(self.log_file):
                 outs = self.llm.generate(inputs, params, use_tqdm=False)

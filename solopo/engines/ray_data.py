@@ -34,7 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from solopo.backends import Generation, ProgressFn, _seeds, render_chat_ids, resolve_backend_name
+from solopo.backends import Generation, ProgressFn, _seeds, resolve_backend_name
+from solopo.chat import ChatFormat
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 
 log = logging.getLogger("solopo")
@@ -295,6 +296,8 @@ class RayDataBackend:
         from transformers import AutoConfig, AutoTokenizer
 
         trc = bool(opts.get("trust_remote_code", False))
+        # The driver counts prompt lengths in the chat format the replicas render (`chat` travels in opts).
+        self.chat = opts.get("chat") or ChatFormat()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trc)
         cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trc)
         limit = getattr(cfg.get_text_config(), "max_position_embeddings", None)
@@ -310,7 +313,7 @@ class RayDataBackend:
         return self._max_context
 
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
-        return [len(render_chat_ids(self.tokenizer, p)) for p in prompts]
+        return [len(self.chat.prompt_ids(self.tokenizer, p)) for p in prompts]
 
     def generate(
         self,

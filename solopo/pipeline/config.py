@@ -81,6 +81,16 @@ class RunSettings(StageConfig):
     run_dir: str = Field(default="runs/default", description="where every stage writes its outputs")
     model: str | None = Field(default=None, description="HF id or local path; None = embedded SmolLM2-135M-Instruct")
     trust_remote_code: bool = Field(default=False, description="run the model repo's own Python code (HF)")
+    chat_template: str | None = Field(
+        default=None,
+        description="chat template for every prompt (synth counts, sampling, training, eval): None = the tokenizer's "
+        "own; else a .jinja file (or HF chat_template.json) or an inline Jinja template (like vLLM's --chat-template)",
+    )
+    system_prompt: str | None = Field(
+        default=None,
+        description="system message placed before every user prompt (synth counts, sampling, training, eval, the "
+        "export's TRL messages); None = no system message (the template's own default, if it has one, applies)",
+    )
     seed: int = Field(default=0, description="seed of every stage whose own seed is None")
     preset: str | None = Field(default=None, description="named preset applied under the config file")
 
@@ -214,6 +224,8 @@ HF_NAMES: dict[str, str] = {
     "pref_loss": "train.algo",
     "stage": "train.algo",
     "output_dir": "run.run_dir",
+    "chat_template_path": "run.chat_template",  # TRL
+    "default_system": "run.system_prompt",  # LLaMA-Factory
     "model_name_or_path": "run.model",
     "model_name": "run.model",
     "trust_remote_code": "run.trust_remote_code",

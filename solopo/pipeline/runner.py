@@ -392,12 +392,15 @@ class Pipeline:
         now, was = config_to_dict(stage_cfg), m.get("config") or {}
         out += [f"{cls.name}.{k}: {_short(was.get(k))} -> {_short(now.get(k))}" for k in now if now[k] != was.get(k)]
         run = m.get("run") or {}
+        fp = m.get("fingerprint") or {}
+        # run.chat_template/system_prompt enter the key through the fingerprints of the stages that use them
+        # ("chat"; absent for the defaults and in manifests older than the settings, whose run has no such keys)
+        keys = ("model", "seed") + (("chat_template", "system_prompt") if "chat" in fingerprint or "chat" in fp else ())
         out += [
             f"run.{k}: {_short(run.get(k))} -> {_short(getattr(self.config.run, k))}"
-            for k in ("model", "seed")
+            for k in keys
             if run.get(k) != getattr(self.config.run, k)
         ]
-        fp = m.get("fingerprint") or {}
         changed = [k for k in sorted(set(fingerprint) | set(fp)) if fingerprint.get(k) != fp.get(k)]
         if changed:
             out.append(f"its inputs changed ({', '.join(changed)})")

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from solopo.chat import ChatFormat
 from solopo.datasets import QARecord, contains_answer, match_key, table_to_records
 from solopo.pipeline.config import StageConfig, parse_lengths
 from solopo.pipeline.errors import DataError
@@ -94,19 +95,19 @@ class SynthConfig(StageConfig):
 
 # --- token counting ---------------------------------------------------------------------------------
 class TokenCounter:
-    """Counts tokens the way the model will see a user message: chat template + generation prompt."""
+    """Counts tokens the way the model will see a user message: the run's chat format (template, system message)
+    + generation prompt, as solopo.chat renders it for sampling, training and eval."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, chat: ChatFormat | None = None):
         self.tokenizer = tokenizer
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.chat_format = chat or ChatFormat()
+        self.has_chat_template = self.chat_format.has_template(tokenizer)
         self._fast = getattr(tokenizer, "backend_tokenizer", None)
 
     def chat(self, content: str) -> str:
         if not self.has_chat_template:
             return content
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        return self.chat_format.render(self.tokenizer, content)
 
     def count(self, texts: Sequence[str], batch: int = 2048) -> np.ndarray:
         """Token counts of raw strings, no special tokens added (chat templates carry their own)."""
@@ -164,11 +165,12 @@ class ContextBuilder:
         seed: int = 0,
         pool: Sequence[QARecord] | pa.Table | None = None,
         progress: bool = True,
+        chat: ChatFormat | None = None,
     ):
         self.config = config
         self.seed = seed
         self.progress = progress
-        self.counter = TokenCounter(tokenizer)
+        self.counter = TokenCounter(tokenizer, chat)
         self.sep = DOC_SEPARATOR
         self.follow = _follow_word(config.doc_template)
         self._follow_count = int(self.counter.count([self.follow])[0])
@@ -557,12 +559,14 @@ def build_contexts(
     pool: Sequence[QARecord] | pa.Table | None = None,
     stat: Callable[..., None] | None = None,
     note: Callable[[str], None] | None = None,
+    chat: ChatFormat | None = None,
 ) -> pa.Table:
     """One row per (question, target length) for any records (load-table rows or QARecords).
     Distractors come from `pool` (default: the records themselves). Pure apart from the callbacks;
-    eval reuses it with e.g. SynthConfig(target_len=[16384], gold_position=0.5)."""
+    eval reuses it with e.g. SynthConfig(target_len=[16384], gold_position=0.5). Token counts are those of
+    `chat` (default: the tokenizer's template, no system message)."""
     recs = _as_records(records)
-    builder = ContextBuilder(tokenizer, config, seed=seed, pool=recs if pool is None else pool)
+    builder = ContextBuilder(tokenizer, config, seed=seed, pool=recs if pool is None else pool, chat=chat)
     return builder.build(recs, drop=drop, stat=stat, note=note)
 
 

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from solopo import stats
+from solopo.chat import chat_format
 from solopo.engines import EngineConfig
 from solopo.pipeline.config import format_length, parse_lengths, register_preset
 from solopo.pipeline.errors import ConfigError, SolopoError
@@ -333,6 +334,7 @@ class EvalStage(Stage):
         fp["synth"] = self.synth_config(None).model_dump(
             mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
         )
+        fp.update(chat_format(self.ctx.run).fingerprint())  # run.chat_template/system_prompt; none by default
         return fp
 
     def _dropper(self, ds: str):
@@ -394,6 +396,7 @@ class EvalStage(Stage):
                     seed=self.ctx.run.seed,
                     drop=self._dropper(ds),
                     pool=pool,
+                    chat=chat_format(self.ctx.run),
                 )
                 built = built.append_column("depth", pa.array([-1.0 if depth is None else depth] * built.num_rows))
                 tables.append(built)
@@ -415,6 +418,7 @@ class EvalStage(Stage):
             batch_size=self.config.batch_size,
             tensor_parallel_size=self.config.tensor_parallel_size,
             log_file=self.ctx.out_dir / "vllm.log",  # vLLM's own output, off the console (issue 26.1)
+            chat=chat_format(self.ctx.run),  # every model answers prompts in the run's chat format
         )
 
     def _generation_path(self, model: EvalModel, info: dict[str, Any]) -> str:
@@ -494,6 +498,7 @@ class EvalStage(Stage):
         self._models_info: list[dict[str, Any]] = [{**asdict(m), "path": self.stored(m.path)} for m in models]
         self._skipped: list[dict[str, Any]] = []
         tokenizer = AutoTokenizer.from_pretrained(models[0].path, trust_remote_code=self.ctx.run.trust_remote_code)
+        chat_format(self.ctx.run).check(tokenizer)
         evalset = self._eval_set(tokenizer)
         rows = evalset.to_pylist()
         self.ctx.stat("n_eval_prompts", len(rows))
@@ -573,8 +578,19 @@ class EvalStage(Stage):
                 mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
             ),
             "exclude_from": None if c.exclude_from is None else self.display_path(c.exclude_from),
+            "chat": self._chat_setting(),
             "adapters": getattr(self, "_adapters", {}),  # label -> how a LoRA adapter dir was evaluated
             "versions": library_versions(),
+        }
+
+    def _chat_setting(self) -> dict[str, Any]:
+        """run.chat_template (a file by its name: no machine path) and run.system_prompt; None = the defaults."""
+        chat = chat_format(self.ctx.run)
+        source = chat.source if chat.source in (None, "inline") else Path(str(chat.source)).name
+        return {
+            "chat_template": source,
+            "chat_template_sha256": chat.template_sha256,
+            "system_prompt": chat.system_prompt,
         }
 
     def display_path(self, path: str, model: str | None = None, is_model: bool = False) -> str:

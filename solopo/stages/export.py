@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from solopo.chat import ChatFormat, chat_format
 from solopo.pipeline.config import StageConfig, format_length
 from solopo.pipeline.errors import DataError, SolopoError
 from solopo.pipeline.io import read_json, read_parquet, write_json, write_parquet, write_text
@@ -136,9 +137,10 @@ class ExportStage(Stage):
         return path.read_text(encoding="utf-8")
 
     def fingerprint(self) -> dict[str, Any]:
+        chat = chat_format(self.ctx.run).fingerprint()  # the TRL messages carry the system message
         if not self.config.data_card:
-            return {}
-        return {"template_sha256": hashlib.sha256(self._template_text().encode()).hexdigest()}
+            return chat
+        return {"template_sha256": hashlib.sha256(self._template_text().encode()).hexdigest(), **chat}
 
     def setup(self) -> None:
         from transformers import AutoTokenizer
@@ -147,6 +149,7 @@ class ExportStage(Stage):
 
         path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         self._tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.ctx.run.trust_remote_code)
+        self._chat = chat_format(self.ctx.run)
 
     def run(self, data: pa.Table) -> pa.Table:
         synth_path = self.ctx.upstream_dirs["synth"] / "data.parquet"
@@ -235,7 +238,7 @@ class ExportStage(Stage):
         if self.config.trl_view:
             for name, (kind, t) in views.items():
                 path = f"trl/{name}.parquet"
-                write_parquet(to_trl(t, kind), d / path)
+                write_parquet(to_trl(t, kind, self._chat), d / path)
                 files.append((path, f"TRL conversational prompt/chosen/rejected: {VIEW_DOC[kind]}"))
                 configs.append(config_entry(f"trl_{view_ident(name)}", path, name, kind, "trl"))
         if self.config.llamafactory:
@@ -243,12 +246,12 @@ class ExportStage(Stage):
             for name, (kind, t) in views.items():
                 entry = f"{self.config.name}_{view_ident(name)}"
                 fname = f"{entry}.parquet"
-                write_parquet(to_alpaca(t, kind), d / "llamafactory" / fname)
+                write_parquet(to_alpaca(t, kind, self._chat), d / "llamafactory" / fname)
                 info[entry] = {
                     "file_name": fname,
                     "formatting": "alpaca",
                     "ranking": True,
-                    "columns": dict(ALPACA_COLUMNS),
+                    "columns": alpaca_columns(self._chat),
                 }
                 configs.append(
                     config_entry(
@@ -279,18 +282,19 @@ class ExportStage(Stage):
                 manifests={s: self._upstream_manifest(s) for s in ("load", "synth", "sample", "select")},
                 dataset_name=self._dataset_name(),
                 schema=EXPORT_SCHEMA,
+                chat=self._chat,
             )
             write_text(card, d / "README.md")
         return table
 
     def _turn_tokens(self) -> Callable[[str], int]:
         """Tokens of one assistant turn (response + end-of-turn) as TRL and `solopo train` cut it."""
-        tok = self._tok
-        if getattr(tok, "chat_template", None):
+        tok, chat = self._tok, self._chat
+        if chat.has_template(tok):
             from solopo.training.data import encode
 
             def count(text: str) -> int:
-                return len(encode(tok, "x", text).completion)  # the completion does not depend on the prompt
+                return len(encode(tok, "x", text, chat).completion)  # the completion does not depend on the prompt
         else:
             self.ctx.note("the model's tokenizer has no chat template: response lengths are raw tokens + EOS")
 
@@ -318,6 +322,12 @@ ALPACA_COLUMNS = {
     "chosen": "chosen_response",
     "rejected": "rejected_response",
 }
+
+
+def alpaca_columns(chat: ChatFormat | None = None) -> dict[str, str]:
+    """ALPACA_COLUMNS, plus LLaMA-Factory's `system` column when run.system_prompt is set."""
+    system = {"system": "system"} if chat is not None and chat.system_prompt is not None else {}
+    return {**ALPACA_COLUMNS, **system}
 
 
 def build_views(table: pa.Table) -> dict[str, tuple[str, pa.Table]]:
@@ -367,9 +377,10 @@ def _view_columns(t: pa.Table, kind: str) -> tuple[list[str], list[str], list[st
     return prompt, t.column(c).to_pylist(), t.column(r).to_pylist()
 
 
-def to_trl(t: pa.Table, kind: str) -> pa.Table:
-    """TRL conversational preference format: prompt = [user], chosen/rejected = [assistant]. x_short has no
-    length, so the short view carries no target_len."""
+def to_trl(t: pa.Table, kind: str, chat: ChatFormat | None = None) -> pa.Table:
+    """TRL conversational preference format: prompt = [system?, user] (the run's chat format: run.system_prompt),
+    chosen/rejected = [assistant]. x_short has no length, so the short view carries no target_len."""
+    chat = chat or ChatFormat()
     prompt, chosen, rejected = _view_columns(t, kind)
     cols: dict[str, Any] = {"id": t.column("id"), "pair_index": t.column("pair_index")}
     if kind != "short":
@@ -377,15 +388,16 @@ def to_trl(t: pa.Table, kind: str) -> pa.Table:
     return pa.table(
         {
             **cols,
-            "prompt": [[{"role": "user", "content": p}] for p in prompt],
+            "prompt": [chat.messages(p) for p in prompt],
             "chosen": [[{"role": "assistant", "content": c}] for c in chosen],
             "rejected": [[{"role": "assistant", "content": r}] for r in rejected],
         }
     )
 
 
-def to_alpaca(t: pa.Table, kind: str) -> pa.Table:
-    """LLaMA-Factory alpaca ranking format (columns mapped by ALPACA_COLUMNS in dataset_info.json)."""
+def to_alpaca(t: pa.Table, kind: str, chat: ChatFormat | None = None) -> pa.Table:
+    """LLaMA-Factory alpaca ranking format (columns mapped by alpaca_columns in dataset_info.json); with
+    run.system_prompt a `system` column holds it (LLaMA-Factory's template renders it)."""
     prompt, chosen, rejected = _view_columns(t, kind)
     cols: dict[str, Any] = {
         "instruction": prompt,
@@ -397,11 +409,14 @@ def to_alpaca(t: pa.Table, kind: str) -> pa.Table:
     }
     if kind != "short":
         cols["target_len"] = t.column("target_len")
+    if chat is not None and chat.system_prompt is not None:
+        cols["system"] = [chat.system_prompt] * len(prompt)
     return pa.table(cols)
 
 
 __all__ = [
     "ALPACA_COLUMNS",
+    "alpaca_columns",
     "EXPORT_SCHEMA",
     "ExportConfig",
     "ExportStage",

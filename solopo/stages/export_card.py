@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from solopo.chat import ChatFormat
 from solopo.pipeline.config import config_to_dict, format_length
 from solopo.pipeline.errors import SolopoError
 from solopo.pipeline.io import atomic_path
@@ -83,6 +84,7 @@ def render_card(
     manifests: dict[str, dict[str, Any]],
     dataset_name: str | None,
     schema: pa.Schema,
+    chat: ChatFormat | None = None,
 ) -> str:
     """The data card (README.md): `template_text` (a string.Template) filled from the exported table, the upstream
     manifests (`load`, `synth`, `sample`, `select`), the export stage's context and its `name` / `template` setting."""
@@ -154,6 +156,17 @@ def render_card(
             if short_docs == "supporting"
             else "(all of the question's own paragraphs, closer to the paper's reported ~1.1K tokens)."
         )
+    if chat is not None and not chat.is_default:
+        construction += (
+            f"\n\n{chat.card_text()} The token counts and lengths above include it"
+            + (
+                "; the TRL views carry the system message as a `system` turn and the LLaMA-Factory files as a `system` "
+                "column"
+                if chat.system_prompt is not None
+                else ""
+            )
+            + (". Train with the same template (TRL: `chat_template_path`)." if chat.template is not None else ".")
+        )
     if notes:
         construction += "\n\nNotes recorded by the stages:\n" + "\n".join(notes)
     stage_cfgs = {s: config_to_dict(getattr(cfg, s)) for s in ("load", "synth", "sample", "select", "export")}
@@ -164,7 +177,13 @@ def render_card(
         stage_cfgs["sample"]["backend"] = backend
     if "match" not in stage_cfgs["select"]:
         stage_cfgs["select"]["match"] = None
-    construction_cfg = {"model": model, "seed": cfg.run.seed, "preset": preset, **stage_cfgs}
+    construction_cfg = {
+        "model": model,
+        "seed": cfg.run.seed,
+        "preset": preset,
+        **(chat.describe() if chat is not None else {}),
+        **stage_cfgs,
+    }
 
     counts = [
         ("questions loaded", manifests["load"].get("rows_out")),

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
+from solopo.chat import chat_format
 from solopo.engines import EngineConfig
 from solopo.pipeline.config import register_preset
 from solopo.pipeline.errors import DataError, SolopoError
@@ -187,7 +188,12 @@ class SampleStage(Stage):
         path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         model = dir_fingerprint(path) if not _is_hub_id(path) else {"hub_id": path}
         # 'auto' resolves by what is installed: a machine with vLLM must not reuse transformers' samples.
-        return {"model": model, "backend": resolve_backend_name(self.config.backend)}
+        # The chat format shapes every prompt's ids (nothing added for the defaults: old keys hold).
+        return {
+            "model": model,
+            "backend": resolve_backend_name(self.config.backend),
+            **chat_format(self.ctx.run).fingerprint(),
+        }
 
     def setup(self) -> None:
         from solopo.engines import open_backend
@@ -226,6 +232,7 @@ class SampleStage(Stage):
             enforce_eager=c.enforce_eager,
             engine_kwargs=dict(c.engine_kwargs),
             seed=self._seed(),
+            chat=chat_format(self.ctx.run),
         )
         self.ctx.stat("backend", self.backend.name)
         self.ctx.stat("engine", c.engine)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from solopo.chat import chat_format
 from solopo.pipeline.config import register_preset
 from solopo.pipeline.errors import DataError
 from solopo.pipeline.stage import Stage
@@ -66,12 +67,14 @@ class SynthStage(Stage):
         return resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
 
     def fingerprint(self) -> dict[str, Any]:
-        # The tokenizer decides every count: hash its files when it is a local checkpoint.
+        # The tokenizer and the chat format decide every count: hash the tokenizer's files when it is a local
+        # checkpoint; the chat format adds nothing when it is the default (run.chat_template/system_prompt None).
         from solopo.pipeline.io import stable_hash
 
+        chat = chat_format(self.ctx.run).fingerprint()
         path = Path(self._model_path())
         if not path.exists():
-            return {"tokenizer": str(path)}
+            return {"tokenizer": str(path), **chat}
         files = {}
         for p in sorted(path.iterdir()):
             if p.is_file() and (
@@ -79,7 +82,7 @@ class SynthStage(Stage):
                 or p.name in ("chat_template.jinja", "chat_template.json")
             ):
                 files[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-        return {"tokenizer": stable_hash(files)}
+        return {"tokenizer": stable_hash(files), **chat}
 
     def setup(self) -> None:
         from transformers import AutoTokenizer
@@ -88,6 +91,8 @@ class SynthStage(Stage):
         from solopo.pipeline.runner import load_output
 
         tok = AutoTokenizer.from_pretrained(self._model_path(), trust_remote_code=self.ctx.run.trust_remote_code)
+        chat = chat_format(self.ctx.run)
+        chat.check(tok)  # a template that cannot render is a config error now, not mid-run
         limit = model_context_limit(self._model_path())
         over = [t for t in self.config.target_len if limit is not None and t > limit]
         if over:
@@ -98,7 +103,7 @@ class SynthStage(Stage):
             )
         # The pool is the whole load output, whatever the shard: contexts do not depend on sharding.
         pool = load_output(self.ctx.run.run_dir, "load")
-        self.builder = ContextBuilder(tok, self.config, seed=self.ctx.run.seed, pool=pool)
+        self.builder = ContextBuilder(tok, self.config, seed=self.ctx.run.seed, pool=pool, chat=chat)
         self.ctx.stat("pool_paragraphs", int(len(self.builder.pool_ids)))
 
     def teardown(self) -> None:

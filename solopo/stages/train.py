@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from solopo.chat import chat_format
 from solopo.pipeline.config import register_preset
 from solopo.pipeline.errors import SolopoError
 from solopo.pipeline.io import dir_fingerprint, path_in_run, read_json
@@ -76,9 +77,10 @@ class TrainStage(Stage):
 
     def fingerprint(self) -> dict[str, Any]:
         model = self.ctx.run.model
+        chat = chat_format(self.ctx.run).fingerprint()  # the ids trained on; nothing added for the defaults
         if model is not None and Path(model).expanduser().is_dir():
-            return {"model": dir_fingerprint(Path(model).expanduser())}
-        return {}
+            return {"model": dir_fingerprint(Path(model).expanduser()), **chat}
+        return chat
 
     def run(self, data: pa.Table | None) -> pa.Table:
         from solopo.models import resolve_model
@@ -109,6 +111,7 @@ class TrainStage(Stage):
             seed=seed,
             source=source,
             trust_remote_code=self.ctx.run.trust_remote_code,
+            chat=chat_format(self.ctx.run),
         )
         # before the model loads: refuse what cannot fit; deepspeed=auto on a GPU becomes the plan's choice
         cfg = prelaunch_check(cfg, model_path, data, plan.num_processes, self.ctx.note, self.ctx.stat)
@@ -165,6 +168,7 @@ class TrainStage(Stage):
             train_config=self.config.model_dump(mode="json"),
             datasets=datasets,
             license=base_model_license(self.ctx.run.model, model_path),
+            chat=chat_format(self.ctx.run),
         )
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Export table -> tokenized training examples, length-grouped batches, padded micro-batch tensors.
 
-Prompts are user-message content; they are rendered with the model's chat template and generation prompt.
-The completion is the assistant text plus the template's end-of-turn tokens (for ChatML "<|im_end|>\\n"):
+Prompts are user-message content; they are rendered in the run's chat format (solopo.chat: the chat template, an
+optional system message) with the generation prompt, as synth counted and sampling rendered them. The completion is the assistant text plus the template's end-of-turn tokens (for ChatML "<|im_end|>\\n"):
 it is the tokenized full conversation minus the tokenized prompt, exactly as TRL's DPOTrainer cuts it.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from solopo.chat import ChatFormat
 from solopo.pipeline.errors import DataError
 
 # Which prompt the PO pair uses, which pair, and whether the RA sequence (x_long, y_w) exists, per mode.
@@ -61,19 +62,12 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _ids(enc) -> list[int]:
-    return list(enc["input_ids"] if not isinstance(enc, list) else enc)
-
-
-def encode(tokenizer, user: str, assistant: str) -> Seq:
-    """Chat-template the prompt (with generation prompt) and the full turn; the completion is the difference."""
-    msgs = [{"role": "user", "content": user}]
-    prompt = _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True))
-    full = _ids(
-        tokenizer.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": assistant}], tokenize=True, return_dict=True
-        )
-    )
+def encode(tokenizer, user: str, assistant: str, chat: ChatFormat | None = None) -> Seq:
+    """Render the prompt (with generation prompt) and the full turn in the chat format (default: the tokenizer's
+    template, no system message); the completion is the difference."""
+    chat = chat or ChatFormat()
+    prompt = chat.prompt_ids(tokenizer, user)
+    full = chat.full_ids(tokenizer, user, assistant)
     n = common_prefix_length(prompt, full)
     return Seq(prompt=full[:n], completion=full[n:])
 
@@ -105,6 +99,7 @@ def build_examples(
     source: str,
     max_length: int | None = None,
     context_limit: int | None = None,
+    chat: ChatFormat | None = None,
 ) -> tuple[list[Example], dict[str, list[str]]]:
     """Tokenize the rows a mode needs. Returns the examples and {drop reason: [ids]}: `over_model_context` for
     a sequence longer than the model's context (`context_limit`; positions past it were never trained and RoPE
@@ -137,9 +132,9 @@ def build_examples(
         for c in (prompt_col, w_col, l_col):
             if not isinstance(r[c], str) or not r[c].strip():
                 raise DataError(f"expected a non-empty string, got {r[c]!r}", path=source, line=line, field=c)
-        chosen = encode(tokenizer, r[prompt_col], r[w_col])
-        rejected = encode(tokenizer, r[prompt_col], r[l_col])
-        long_w = encode(tokenizer, r["long_prompt"], r["chosen_response"]) if with_long_w else None
+        chosen = encode(tokenizer, r[prompt_col], r[w_col], chat)
+        rejected = encode(tokenizer, r[prompt_col], r[l_col], chat)
+        long_w = encode(tokenizer, r["long_prompt"], r["chosen_response"], chat) if with_long_w else None
         seqs = [chosen, rejected] + ([long_w] if long_w else [])
         longest = max(len(s) for s in seqs)
         if context_limit is not None and longest > context_limit:

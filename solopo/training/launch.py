@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from solopo.chat import ChatFormat
 from solopo.pipeline.errors import ConfigError, MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_json, write_json, write_parquet
 
@@ -119,8 +120,10 @@ def run_launched(
     seed: int,
     source: str,
     trust_remote_code: bool = False,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
-    """Write the data and a spec next to the model, launch the ranks, read rank 0's result."""
+    """Write the data and a spec next to the model, launch the ranks, read rank 0's result. The spec carries the
+    chat format as text (template and system message), so ranks on other nodes need no template file."""
     from solopo.training.seq_parallel import check_sp
 
     # train.sp_size against the heads and ranks here, in the CLI's process: a config error (exit 2), not N failed
@@ -142,6 +145,7 @@ def run_launched(
         "source": source,
         "result_path": str(result_path.resolve()),
         "trust_remote_code": trust_remote_code,
+        "chat": (chat or ChatFormat()).to_spec(),
     }
     spec_path = work / "spec.json"
     write_json(spec, spec_path)
@@ -181,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=spec["seed"],
         source=spec["source"],
         trust_remote_code=bool(spec.get("trust_remote_code", False)),
+        chat=ChatFormat.from_spec(spec.get("chat")),
     )
     if int(os.environ.get("RANK", 0)) == 0:
         write_json(result, spec["result_path"])

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from solopo.chat import ChatFormat
 from solopo.pipeline.io import write_text
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded default model's hub id (Apache-2.0)
@@ -174,6 +175,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _chat_section(chat: ChatFormat | None) -> str:
+    """What a user must reproduce at inference when training used a non-default chat format; empty otherwise."""
+    if chat is None or chat.is_default:
+        return ""
+    out = f"\n{chat.card_text()}"
+    if chat.template is not None:
+        out += " This directory's tokenizer carries that template (`chat_template.jinja`), so `apply_chat_template`"
+        out += " and vLLM use it."
+    if chat.system_prompt is not None:
+        out += " Pass the same system message at inference (a `system` turn before the user's)."
+    return out + "\n"
+
+
 def write_model_card(
     model_dir: str | Path,
     *,
@@ -182,6 +196,7 @@ def write_model_card(
     train_config: dict[str, Any],
     datasets: list[str],
     license: str | None = None,
+    chat: ChatFormat | None = None,
 ) -> Path:
     """Write model_dir/README.md in the standard HF model-card format (YAML metadata + markdown body).
 
@@ -267,7 +282,7 @@ This model is {f"[{base_model}](https://huggingface.co/{base_model})" if on_hub 
 
 Data: {result["examples"]} preference triplets (short prompt, long prompt, chosen, rejected)
 {"from " + ", ".join(_dataset_link(d) for d in datasets) if datasets else ""}.
-
+{_chat_section(chat)}
 ## Final training metrics
 
 {_table([{"metric": k, "value": v} for k, v in final.items()]) if final else "No step was run."}

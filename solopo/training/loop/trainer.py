@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from solopo.chat import ChatFormat
 from solopo.models import model_context_limit
 from solopo.pipeline.errors import MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, write_parquet, write_text
@@ -185,18 +186,20 @@ def _train(
     source: str = "export/data.parquet",
     ctx=None,
     trust_remote_code: bool = False,
+    chat: ChatFormat | None = None,
 ) -> dict[str, Any]:
     t_start = time.time()
+    chat = chat or ChatFormat()
     note = Notes(ctx)
     cfg, rt = setup_runtime(cfg, model_path, note, trust_remote_code)
     params = resolve_params(cfg)
     random.seed(seed)
     torch.manual_seed(seed)
     _log_header(cfg, params, rt)
-    model = setup_model(cfg, model_path, rt, note, trust_remote_code)
+    model = setup_model(cfg, model_path, rt, note, trust_remote_code, chat)
     setup_parallel(cfg, model, rt, note)  # rt.sp: DP x SP groups, ALST attention under SP
     context = model_context_limit(model_path, trust_remote_code)
-    data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note, context)
+    data = setup_data(cfg, params, table, data_path, source, model.tokenizer, rt, note, context, chat)
     sched = plan_steps(cfg, len(data.examples), rt)
     backend = setup_backend(cfg, model, sched, rt)  # rt.device: the engine's under DeepSpeed
     paths = run_paths(cfg, out_dir, model_path, seed, data, rt)
@@ -261,8 +264,11 @@ def _log_header(cfg, params: LossParams, rt: Runtime) -> None:
         )
 
 
-def setup_model(cfg, model_path: str, rt: Runtime, note: Notes, trust_remote_code: bool = False) -> Model:
-    """Tokenizer and policy. The DeepSpeed config exists first: ZeRO-3 loads the weights partitioned."""
+def setup_model(
+    cfg, model_path: str, rt: Runtime, note: Notes, trust_remote_code: bool = False, chat: ChatFormat | None = None
+) -> Model:
+    """Tokenizer and policy. The DeepSpeed config exists first: ZeRO-3 loads the weights partitioned. The tokenizer
+    carries run.chat_template when one is given, so the saved model serves with the template it was trained on."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ds_config = build_ds_config(cfg, rt.dtype, rt.world) if rt.use_ds else None
@@ -272,6 +278,9 @@ def setup_model(cfg, model_path: str, rt: Runtime, note: Notes, trust_remote_cod
 
         keep_alive = HfDeepSpeedConfig(ds_config)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if chat is not None:
+        chat.check(tokenizer)  # a config error before the weights load
+        chat.apply_to(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lm = AutoModelForCausalLM.from_pretrained(
         model_path,
@@ -321,7 +330,7 @@ def setup_parallel(cfg, model: Model, rt: Runtime, note: Notes) -> None:
 
 def setup_data(
     cfg, params: LossParams, table, data_path, source: str, tokenizer, rt: Runtime, note: Notes,
-    context: int | None = None,
+    context: int | None = None, chat: ChatFormat | None = None,
 ) -> Data:  # fmt: skip
     """The triplets at the chosen target length, tokenized; drops are recorded (manifest) and logged. Sequences
     longer than the model's `context` are dropped too (over_model_context), with a note."""
@@ -332,7 +341,7 @@ def setup_data(
     table, target_len = select_target_len(table, cfg.target_len, source)
     # The (x_long, y_w) forward only exists for SoLo-RA; solo with alpha=0 is the short-only baseline.
     with_long = cfg.mode == "solo" and params.alpha > 0
-    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length, context)
+    examples, drops = build_examples(table, tokenizer, cfg.mode, with_long, source, cfg.max_length, context, chat)
     if drops.get("over_model_context"):
         note(context_note(len(drops["over_model_context"]), context))
     for reason, ids in drops.items():
