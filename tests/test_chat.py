@@ -81,6 +81,7 @@ def test_defaults_render_exactly_the_tokenizers_template(tokenizer):
     msgs = [{"role": "user", "content": "Where is Lyon?"}]
     want = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert chat.prompt_ids(tokenizer, "Where is Lyon?") == list(want["input_ids"])
+    assert "named SmolLM" in tokenizer.decode(want["input_ids"])  # the template's own default system line stays
     # a system prompt alone uses the tokenizer's template: SmolLM2's default system line is replaced
     sys_only = ChatFormat(system_prompt=SYSTEM)
     text = tokenizer.decode(sys_only.prompt_ids(tokenizer, "Q"))
@@ -379,6 +380,7 @@ def test_bad_template_path_exits_2_naming_the_setting(tmp_path, tiny_model_dir, 
     code, out = cli("synth", "--model", tiny_model_dir, "--run-dir", rd, "--set", f"run.chat_template={NO_SYSTEM}",
                     "--set", "run.system_prompt=Be brief.")  # fmt: skip
     assert code == 2 and "run.system_prompt" in out and "rejects a system message" in out, out
+    assert not (rd / "synth" / "_SUCCESS").exists()  # when synth loaded the tokenizer, before it counted anything
 
 
 def test_launched_ranks_get_the_chat_format_through_the_spec(tmp_path, tiny_model_dir, monkeypatch):

@@ -90,6 +90,34 @@ def test_vllm_renders_the_same_prompt_as_transformers(engine, model_dir):
     assert [x[0].text for x in v] == [x[0].text for x in h]
 
 
+def test_vllm_generates_from_our_chat_ids_not_its_own_template(engine, model_dir, monkeypatch):
+    """Issue 26.10: with run.chat_template and run.system_prompt, vLLM is given token ids (TokensPrompt) and runs
+    exactly those: the prompt ids it reports back are the ones the transformers backend feeds its model, and its
+    fp32 greedy answers are transformers'."""
+    from test_chat import SYSTEM, TEMPLATE
+
+    from solopo.backends import TransformersBackend
+    from solopo.chat import ChatFormat
+
+    chat = ChatFormat(TEMPLATE, "inline", SYSTEM)
+    monkeypatch.setattr(engine, "chat", chat)  # what get_backend(..., chat=...) sets; the engine is shared
+    seen = []
+    real = engine.llm.generate
+
+    def spy(inputs, *a, **kw):
+        outs = real(inputs, *a, **kw)
+        seen.extend(o.prompt_token_ids for o in outs)
+        return outs
+
+    monkeypatch.setattr(engine.llm, "generate", spy)
+    hf = TransformersBackend(str(model_dir), dtype="float32", chat=chat)
+    v = engine.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
+    assert [list(x) for x in seen] == [chat.prompt_ids(hf.tokenizer, p) for p in PROMPTS]
+    assert hf.tokenizer.decode(seen[0]).startswith(f"### System:\n{SYSTEM}")
+    h = hf.generate(PROMPTS, n=1, temperature=0.0, top_p=1.0, max_tokens=4, seed=0)
+    assert [x[0].text for x in v] == [x[0].text for x in h]
+
+
 def test_seeded_batch_over_one_step_budget_then_transformers_either_order(engine, model_dir):
     """bench/sample/run2 died with "CPU Generator does not use offset": vLLM's V1 runner rewinds a seeded
     request's generator when it discards the token sampled after a partial (chunked) prefill, and CPU
