@@ -280,3 +280,17 @@ def test_hostfile_world_counts_slots_and_names_a_bad_line(tmp_path):
     hf.write_text("node1 slots=8\nnode2\n")
     with pytest.raises(ConfigError, match=r"hostfile:2: expected `hostname slots=N`.*'node2'"):
         hostfile_world(str(hf))
+
+
+def test_lora_adapter_bytes_follow_the_dtype_the_code_keeps(tmp_path):
+    """training.peft.wrap keeps LoRA adapters in the base dtype under ZeRO-3 (bf16 on a GPU) and in fp32 elsewhere
+    (PEFT's autocast_adapter_dtype): the reduce bucket of adapter gradients is 2 bytes a value under ZeRO-3 and 4
+    under ZeRO-2 (hand-worked: fp32 gradient partition 4 T / n plus two buckets of min(bucket, T) values)."""
+    facts = P.load_model_facts(str(big_config_dir(tmp_path)))
+    machine = P.Machine(gpus=8, gpu_mem_gb=80, device="cuda", dtype="bf16")
+    tr = P.trace_step(facts, P.RunShape(mode="long", long_len=1024, completion=64), torch.bfloat16)
+    T = facts.lora_params(16)
+    for zero, nbytes in (("zero3", 2), ("zero2", 4)):
+        parts = P.estimate(facts, P.Combo(zero, peft="lora"), machine, tr, lora_r=16)
+        bucket = min(P._ds_numbers(zero)["reduce_bucket"], T)
+        assert parts.step_grads == pytest.approx(4 * T / 8 + 2 * bucket * nbytes), zero

@@ -499,7 +499,9 @@ def estimate(
     P = facts.params
     lora = combo.peft in ("lora", "qlora")
     T = facts.lora_params(lora_r) if lora else P  # trainable parameters
-    tb = 4 if lora else b  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
+    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype), except LoRA under ZeRO-3, where training.peft.wrap
+    # keeps the base dtype (ZeRO-3 shards parameters of one dtype)
+    tb = b if combo.peft == "lora" and combo.zero == "zero3" else 4 if lora else b
     base_b = 0.5 if combo.peft == "qlora" else b  # 4-bit NF4 base
     k = machine.factor
     logits = min(trace.logits, trace.activations)  # the head chunk's own peak, when it is part of the step's
