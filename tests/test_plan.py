@@ -294,3 +294,17 @@ def test_lora_adapter_bytes_follow_the_dtype_the_code_keeps(tmp_path):
         parts = P.estimate(facts, P.Combo(zero, peft="lora"), machine, tr, lora_r=16)
         bucket = min(P._ds_numbers(zero)["reduce_bucket"], T)
         assert parts.step_grads == pytest.approx(4 * T / 8 + 2 * bucket * nbytes), zero
+
+
+def test_emit_writes_the_chosen_sp_into_the_deepspeed_config(tmp_path):
+    """A choice with sp 2 on 8 GPUs (train.sp_size=auto in the config): ds_config.json carries
+    sequence_parallel_size 2 and a train batch over 4 data-parallel groups; the command sets train.sp_size=2."""
+    model = big_config_dir(tmp_path)
+    facts = P.load_model_facts(str(model))
+    shape = P.RunShape(mode="solo", long_len=4096, short_len=1024, completion=128)
+    plan = P.make_plan(facts, shape, P.Machine(gpus=8, gpu_mem_gb=80), only=[P.Combo("zero3", sp=2)], search=False)
+    cfg = TrainConfig(sp_size="auto", micro_batch_size=1, grad_accum=4)
+    P.emit(plan, tmp_path / "launch", str(model), cfg)
+    ds = json.loads((tmp_path / "launch" / "ds_config.json").read_text())
+    assert ds["sequence_parallel_size"] == 2 and ds["train_batch_size"] == 1 * 4 * (8 // 2)
+    assert "--set train.sp_size=2" in (tmp_path / "launch" / "train_command.sh").read_text()

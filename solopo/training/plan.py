@@ -728,7 +728,7 @@ def emit(plan: Plan, out_dir: Path, model: str | None, train_cfg: Any) -> list[P
     c = plan.choice.combo
     out_dir = Path(out_dir)
     files = []
-    cfg = train_cfg.model_copy(update={"deepspeed": c.zero, "offload": c.offload})
+    cfg = train_cfg.model_copy(update={"deepspeed": c.zero, "offload": c.offload, "sp_size": c.sp, "peft": c.peft})
     if c.zero != "none":
         ds = build_ds_config(cfg, torch.bfloat16 if plan.dtype == "bfloat16" else torch.float32, plan.gpus)
         files.append(out_dir / "ds_config.json")
