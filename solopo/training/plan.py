@@ -701,7 +701,11 @@ def format_table(plan: Plan) -> str:
     if plan.choice:
         lines.append(f"Recommended (*): {plan.choice.combo.label} - {settings_text(plan.choice.combo)}")
     else:
-        lines.append("Nothing fits: shorten train.target_len, add GPUs, or use LoRA (--peft lora).")
+        tried_lora = any(e.combo.peft != "none" for e in plan.estimates)
+        lines.append(
+            "Nothing fits: shorten train.target_len or add GPUs (more ranks allow a larger sp_size)"
+            + ("." if tried_lora else ", or use LoRA (--peft lora).")
+        )
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
