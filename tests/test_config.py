@@ -38,6 +38,14 @@ def test_all_errors_reported_at_once_with_known_keys():
     assert "train.algo" in msg
 
 
+def test_a_number_or_auto_field_gets_one_line_naming_both():
+    """pydantic reports each branch of `int | "auto"` under its own tag; the user wrote one key."""
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["train.sp_size=0", "train.lr=x"])
+    assert e.value.problems[-1] == "train.sp_size: should be greater than or equal to 1, or 'auto' (got 0)"
+    assert "2 config problem(s)" in str(e.value) and "constrained-int" not in str(e.value)
+
+
 def test_precedence_defaults_preset_file_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("run:\n  seed: 7\nload:\n  limit: 5\n")

@@ -201,3 +201,110 @@ def test_hub_id_without_cache_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SolopoError, match="not in the local Hugging Face cache"):
         P.load_model_facts("no-such-org/no-such-model-xyz")
+
+
+def _sp_probe(model: Path, zero: str, sps: list[int], gpus: int = 8) -> dict[int, float]:
+    """Per-rank totals (GiB) of `zero` at each sp for the rows of test_sp_auto_*: what prelaunch_check computes."""
+    facts = P.load_model_facts(str(model))
+    shape = P.RunShape(mode="solo", long_len=16016, short_len=1016, completion=116)
+    probe = P.make_plan(facts, shape, P.Machine(gpus=gpus, gpu_mem_gb=1000), only=[P.Combo(zero, sp=s) for s in sps],
+                        search=False)  # fmt: skip
+    return {e.combo.sp: e.total for e in probe.estimates}
+
+
+SP_ROWS = [
+    {"target_len": 16384, "short_tokens": 1000, "long_tokens": 16000, "chosen_tokens": 100, "rejected_tokens": 80}
+]
+
+
+def test_sp_auto_takes_the_smallest_sp_that_fits_and_records_it(tmp_path, monkeypatch):
+    """train.sp_size=auto on 8 GPUs (16 heads / 4 KV heads: sp 1, 2, 4, 8): with a budget between sp 1's peak and
+    sp 2's, sp 2 (the smallest that fits: fewer all-to-alls, more data parallelism); with room for sp 1, sp 1; with
+    room for none, exit 2 listing every sp. The note and the stats (the train manifest) say what was chosen."""
+    model = big_config_dir(tmp_path)
+    monkeypatch.setattr(P.torch.cuda, "is_available", lambda: True)
+    total = _sp_probe(model, "zero3", [1, 2, 4, 8])
+    assert total[8] < total[4] < total[2] < total[1], total  # activations split over the sp ranks
+    table = pa.Table.from_pylist(SP_ROWS)
+
+    def check(mem_gib: float) -> tuple[TrainConfig, list[str], dict]:
+        notes, stats = [], {}
+        cfg = TrainConfig(deepspeed="zero3", sp_size="auto", gpu_mem_gb=mem_gib / (1 - P.DEFAULT_MARGIN))
+        return P.prelaunch_check(cfg, str(model), table, 8, notes.append, stats.__setitem__), notes, stats
+
+    out, notes, stats = check((total[1] + total[2]) / 2)
+    assert out.sp_size == 2 and out.deepspeed == "zero3"
+    assert any(n.startswith("train.sp_size=auto -> 2 (memory plan:") and "of 1, 2, 4, 8 on 8 rank(s)" in n
+               for n in notes), notes  # fmt: skip
+    assert stats["sp_size"] == 2 and stats["plan_setting"] == "ZeRO-3 sp2"
+    assert check(total[1] * 1.01)[0].sp_size == 1
+    with pytest.raises(P.PlanError) as e:
+        check(total[8] * 0.9)
+    assert all(f"ZeRO-3 sp{s}" in str(e.value) for s in (1, 2, 4, 8)), str(e.value)
+
+
+def test_sp_auto_with_deepspeed_auto_prefers_the_smaller_sp_over_the_faster_zero(tmp_path, monkeypatch):
+    """Both auto on a GPU: candidates run sp first, then the ZeRO speed order; sp > 1 never plain torch."""
+    model = big_config_dir(tmp_path)
+    monkeypatch.setattr(P.torch.cuda, "is_available", lambda: True)
+    z2, z3 = _sp_probe(model, "zero2", [1, 2]), _sp_probe(model, "zero3", [1, 2])
+    plain = _sp_probe(model, "none", [1])[1]
+    assert z3[1] < z2[1] < plain and z3[2] < z3[1] and z2[2] < z3[1] * 1.01  # sp 2 under ZeRO-2 would fit too
+    notes, stats = [], {}
+    cfg = TrainConfig(sp_size="auto", gpu_mem_gb=z3[1] * 1.01 / (1 - P.DEFAULT_MARGIN))
+    out = P.prelaunch_check(cfg, str(model), pa.Table.from_pylist(SP_ROWS), 8, notes.append, stats.__setitem__)
+    assert (out.sp_size, out.deepspeed) == (1, "zero3"), notes  # sp 1 fits under ZeRO-3: no sp 2 with ZeRO-2
+
+
+def test_sp_auto_without_a_memory_figure_is_one_with_a_note(tiny_model_dir):
+    notes, stats = [], {}
+    out = P.prelaunch_check(TrainConfig(sp_size="auto"), str(tiny_model_dir), None, 2, notes.append,
+                            stats.__setitem__)  # fmt: skip
+    assert out.sp_size == 1 and stats == {"sp_size": 1}
+    assert notes == [
+        "memory plan not checked: no GPU, and train.gpu_mem_gb is not set",
+        "train.sp_size=auto -> 1 (no memory plan to choose by; set train.gpu_mem_gb, or a number)",
+    ]
+    out = P.prelaunch_check(TrainConfig(sp_size="auto", attn="eager", gpu_mem_gb=1000), str(tiny_model_dir), None, 2,
+                            notes.append, stats.__setitem__)  # fmt: skip
+    assert out.sp_size == 1  # no token counts in the data: no plan either
+
+
+def test_hostfile_world_counts_slots_and_names_a_bad_line(tmp_path):
+    from solopo.pipeline.errors import ConfigError
+    from solopo.training.launch import hostfile_world
+
+    hf = tmp_path / "hostfile"
+    hf.write_text("# two nodes\nnode1 slots=8\n\nnode2 slots=8  # second\n")
+    assert hostfile_world(str(hf)) == 16
+    hf.write_text("node1 slots=8\nnode2\n")
+    with pytest.raises(ConfigError, match=r"hostfile:2: expected `hostname slots=N`.*'node2'"):
+        hostfile_world(str(hf))
+
+
+def test_lora_adapter_bytes_follow_the_dtype_the_code_keeps(tmp_path):
+    """training.peft.wrap keeps LoRA adapters in the base dtype under ZeRO-3 (bf16 on a GPU) and in fp32 elsewhere
+    (PEFT's autocast_adapter_dtype): the reduce bucket of adapter gradients is 2 bytes a value under ZeRO-3 and 4
+    under ZeRO-2 (hand-worked: fp32 gradient partition 4 T / n plus two buckets of min(bucket, T) values)."""
+    facts = P.load_model_facts(str(big_config_dir(tmp_path)))
+    machine = P.Machine(gpus=8, gpu_mem_gb=80, device="cuda", dtype="bf16")
+    tr = P.trace_step(facts, P.RunShape(mode="long", long_len=1024, completion=64), torch.bfloat16)
+    T = facts.lora_params(16)
+    for zero, nbytes in (("zero3", 2), ("zero2", 4)):
+        parts = P.estimate(facts, P.Combo(zero, peft="lora"), machine, tr, lora_r=16)
+        bucket = min(P._ds_numbers(zero)["reduce_bucket"], T)
+        assert parts.step_grads == pytest.approx(4 * T / 8 + 2 * bucket * nbytes), zero
+
+
+def test_emit_writes_the_chosen_sp_into_the_deepspeed_config(tmp_path):
+    """A choice with sp 2 on 8 GPUs (train.sp_size=auto in the config): ds_config.json carries
+    sequence_parallel_size 2 and a train batch over 4 data-parallel groups; the command sets train.sp_size=2."""
+    model = big_config_dir(tmp_path)
+    facts = P.load_model_facts(str(model))
+    shape = P.RunShape(mode="solo", long_len=4096, short_len=1024, completion=128)
+    plan = P.make_plan(facts, shape, P.Machine(gpus=8, gpu_mem_gb=80), only=[P.Combo("zero3", sp=2)], search=False)
+    cfg = TrainConfig(sp_size="auto", micro_batch_size=1, grad_accum=4)
+    P.emit(plan, tmp_path / "launch", str(model), cfg)
+    ds = json.loads((tmp_path / "launch" / "ds_config.json").read_text())
+    assert ds["sequence_parallel_size"] == 2 and ds["train_batch_size"] == 1 * 4 * (8 // 2)
+    assert "--set train.sp_size=2" in (tmp_path / "launch" / "train_command.sh").read_text()

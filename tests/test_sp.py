@@ -200,9 +200,11 @@ def test_sp_config_checks(sp_model):
     from solopo.training.config import TrainConfig
     from solopo.training.seq_parallel import check_sp, valid_sp_sizes
 
-    for bad, msg in ((0, "greater than or equal to 1"), ("auto", "valid integer"), (2.5, "valid integer")):
+    for bad, msg in ((0, "greater than or equal to 1"), ("two", "valid integer"), (2.5, "valid integer")):
         with pytest.raises(ValidationError, match=msg):
             TrainConfig(sp_size=bad)
+    assert TrainConfig(sp_size="auto").sp_size == "auto"  # resolved by the memory plan (tests/test_plan.py)
+    TrainConfig(sp_size="auto", deepspeed="none")  # fine: auto then keeps to 1
     with pytest.raises(ValidationError, match="sp_size > 1 runs through DeepSpeed"):
         TrainConfig(sp_size=2, deepspeed="none")
     with pytest.raises(ValidationError, match="eager"):
@@ -214,6 +216,48 @@ def test_sp_config_checks(sp_model):
     check_sp(TrainConfig(sp_size=4), str(sp_model), 8)  # fine: 4 heads, 2 KV heads replicated
     with pytest.raises(ConfigError, match="divisible by it \\(now 6\\)"):
         check_sp(TrainConfig(sp_size=4), str(sp_model), 6)
+
+
+@pytest.mark.slow  # ranks launched as processes (a minute or more on 2 cores)
+def test_sp_auto_through_the_cli_trains_with_the_plans_choice(tmp_path, sp_model, monkeypatch):
+    """`solopo train --set train.sp_size=auto` on 2 CPU ranks (ZeRO-2) with train.gpu_mem_gb between the plan's
+    peaks for sp 1 and sp 2: the plan picks sp 2 before launching, the ranks train with it (DeepSpeed's launcher,
+    ALST), and the train manifest records the choice and why. (test_plan.py checks the choice at scale; here the
+    point is that the choice reaches the ranks.)"""
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import test_train
+    from test_train import write_export_chain
+
+    from solopo.training import plan as P
+    from solopo.training.config import TrainConfig
+
+    rows = [dict(r, chosen_tokens=20, rejected_tokens=20) for r in test_train.export_rows()]
+    monkeypatch.setattr(test_train, "export_rows", lambda: rows)  # token counts: what the plan reads
+    settings = {"num_processes": 2, "deepspeed": "zero2", "max_steps": 1, "micro_batch_size": 1, "grad_accum": 1}
+    short, long_len, comp = P._lengths_from_data(pa.Table.from_pylist(rows), None)
+    shape = P.RunShape.from_train_config(TrainConfig(**settings), long_len, short, comp)
+    probe = P.make_plan(P.load_model_facts(str(sp_model)), shape, P.Machine(gpus=2, gpu_mem_gb=1000, device="cpu"),
+                        only=[P.Combo("zero2", sp=1), P.Combo("zero2", sp=2)], search=False)  # fmt: skip
+    sp1, sp2 = (e.total for e in probe.estimates)
+    assert sp2 < sp1, (sp1, sp2)
+    mem = (sp1 + sp2) / 2 / (1 - P.DEFAULT_MARGIN)
+
+    run_dir = tmp_path / "run"
+    common = [f"run.run_dir={run_dir}", f"run.model={sp_model}", "run.seed=0"]
+    write_export_chain(run_dir, common)
+    sets = [*common, *(f"train.{k}={v}" for k, v in settings.items()), "train.sp_size=auto", f"train.gpu_mem_gb={mem}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "solopo.cli", "train", "--algo", "dpo"] + [x for s in sets for x in ("--set", s)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "train.sp_size=auto -> 2 (memory plan:" in log and "launching 2 process(es): deepspeed" in log
+    m = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert m["stats"]["sp_size"] == 2 and m["stats"]["plan_setting"] == "ZeRO-2 sp2" and m["stats"]["world_size"] == 2
+    assert any(n.startswith("train.sp_size=auto -> 2") for n in m["notes"]), m["notes"]
+    assert any("sequence parallel 2" in n or "train.sp_size=2:" in n for n in m["notes"]), m["notes"]
 
 
 # --- the worker: python tests/test_sp.py MODEL OUT SP ZERO (one process per rank) ----------------------------------

@@ -118,13 +118,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "measured_cpu.json"))
     ap.add_argument("--model", default=None, help="a checkpoint dir (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--merge", action="store_true", help="keep --out's rows of other points (and their commands)")
     a = ap.parse_args()
     if a.one:
         r = one(a.one[0], parse_len(a.one[1]), parse_len(a.short), a.completion, a.algo, a.chunk, a.threads, a.model)
         print(json.dumps(r))
         return
-    rows = []
     out = Path(a.out)
+    kept, commands = [], [" ".join(sys.argv)]
+    if a.merge and out.exists():
+        old = json.loads(out.read_text())
+        new_points = {(m, parse_len(x)) for m, x in (p.split(":") for p in a.points.split(","))}
+        kept = [r for r in old["rows"] if (r["mode"], r["long_len"]) not in new_points]
+        commands = old.get("commands", [old.get("command")]) + commands
+    rows: list[dict] = []
     for p in a.points.split(","):
         mode, length = p.split(":")
         env = {
@@ -143,7 +150,8 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+        every = sorted(kept + rows, key=lambda r: (r["long_len"], r["mode"] != "solo"))
+        tmp.write_text(json.dumps({"commands": commands, "rows": every}, indent=2) + "\n")
         os.replace(tmp, out)
 
 

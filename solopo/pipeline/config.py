@@ -278,9 +278,29 @@ def unknown_key_hint(loc: tuple[str, ...]) -> str:
     return ""
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
+
+
+def _is_union_branch(part: Any) -> bool:
+    """pydantic names each branch of an `int | Literal["auto"]` field in the error's loc ('constrained-int',
+    "literal['auto']"): not a key the user wrote."""
+    return isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part.startswith("constrained-"))
+
+
 def _format_errors(err: ValidationError) -> list[str]:
-    out = []
+    out: list[str] = []
+    merged: dict[str, int] = {}  # one line per field, whichever union branches failed
     for e in err.errors():
+        if e["loc"] and _is_union_branch(e["loc"][-1]):
+            loc = ".".join(str(x) for x in e["loc"][:-1])
+            msg = e["msg"].removeprefix("Input should be ")
+            if loc in merged:
+                out[merged[loc]] = out[merged[loc]].removesuffix(f" (got {e['input']!r})") + f", or {msg}"
+                out[merged[loc]] += f" (got {e['input']!r})"
+            else:
+                merged[loc] = len(out)
+                out.append(f"{loc}: should be {msg} (got {e['input']!r})")
+            continue
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":

@@ -84,7 +84,7 @@ class TrainStage(Stage):
 
     def run(self, data: pa.Table | None) -> pa.Table:
         from solopo.models import resolve_model
-        from solopo.training.launch import launch_plan, run_launched
+        from solopo.training.launch import hostfile_world, launch_plan, run_launched
         from solopo.training.loop.trainer import train
         from solopo.training.plan import prelaunch_check
 
@@ -103,7 +103,8 @@ class TrainStage(Stage):
         model_path = resolve_model(self.ctx.run.model, self.ctx.run.trust_remote_code)
         source = str(self.ctx.upstream_dirs.get("export", Path("export")) / "data.parquet")
         seed = cfg.seed if cfg.seed is not None else self.ctx.run.seed
-        plan = launch_plan(cfg)
+        plan = launch_plan(cfg)  # the ranks (sp_size=auto counted as 1 until the memory plan resolves it)
+        world = hostfile_world(cfg.hostfile) if cfg.hostfile else plan.num_processes
         kw = dict(
             model_path=model_path,
             table=data,
@@ -114,7 +115,8 @@ class TrainStage(Stage):
             chat=chat_format(self.ctx.run),
         )
         # before the model loads: refuse what cannot fit; deepspeed=auto on a GPU becomes the plan's choice
-        cfg = prelaunch_check(cfg, model_path, data, plan.num_processes, self.ctx.note, self.ctx.stat)
+        cfg = prelaunch_check(cfg, model_path, data, world, self.ctx.note, self.ctx.stat)
+        plan = launch_plan(cfg)  # again with the resolved sp_size (sp > 1 goes through DeepSpeed's launcher)
         if plan.in_process:
             result = train(cfg, ctx=self.ctx, **kw)
         else:

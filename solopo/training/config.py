@@ -5,7 +5,7 @@ It lives beside the loop (not in solopo.stages) so that training imports nothing
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -92,11 +92,11 @@ class TrainConfig(StageConfig):
         default="auto",
         description="auto: none on CPU and on one GPU when weights+grads+AdamW fit in half of it, else zero3",
     )
-    sp_size: int = Field(
+    sp_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default=1,
-        ge=1,
         description="sequence parallelism: ranks that split each sequence (DeepSpeed Ulysses/ALST); the "
-        "data-parallel degree is num_processes / sp_size. Must divide the attention heads",
+        "data-parallel degree is num_processes / sp_size. Must divide the attention heads. auto: the memory plan's "
+        "smallest valid size that fits (needs a GPU or train.gpu_mem_gb; else 1), recorded in the manifest",
     )
     offload: Literal["none", "optimizer", "full"] = Field(
         default="none", description="DeepSpeed CPU offload: optimizer state, or parameters too (zero3)"
@@ -174,9 +174,10 @@ class TrainConfig(StageConfig):
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
         if self.shared_prefix and self.attn == "flash_attention_2":
             problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
-        if self.sp_size > 1 and self.deepspeed == "none":
+        sp = self.sp_size if isinstance(self.sp_size, int) else 1  # auto keeps to 1 where these rule out more
+        if sp > 1 and self.deepspeed == "none":
             problems.append("sp_size > 1 runs through DeepSpeed's Ulysses (ALST): deepspeed=zero2, zero3 or auto")
-        if self.sp_size > 1 and self.attn == "eager":
+        if sp > 1 and self.attn == "eager":
             problems.append("sp_size > 1 needs attn=sdpa, flash_attention_2 or auto (ALST cannot use eager's 4-D mask)")
         if self.peft != "none" and self.lora.dropout > 0 and self.disable_dropout:
             problems.append(

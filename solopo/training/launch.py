@@ -52,6 +52,29 @@ def _visible_gpus() -> int:
         return 0
 
 
+def _sp(cfg) -> int:
+    return cfg.sp_size if isinstance(cfg.sp_size, int) else 1  # auto: resolved by the plan, then planned again
+
+
+def hostfile_world(path: str) -> int:
+    """The ranks a DeepSpeed hostfile launches: the sum of its `host slots=N` lines (# comments allowed)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError([f"train.hostfile: {path} does not exist"])
+    total = 0
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        slots = [w.removeprefix("slots=") for w in line.split()[1:] if w.startswith("slots=")]
+        if len(line.split()) < 2 or not slots or not slots[0].isdigit() or int(slots[0]) < 1:
+            raise ConfigError([f"{path}:{i}: expected `hostname slots=N` (DeepSpeed's hostfile format), got {line!r}"])
+        total += int(slots[0])
+    if total == 0:
+        raise ConfigError([f"train.hostfile: {path} names no hosts (`hostname slots=N` per line)"])
+    return total
+
+
 def launch_plan(cfg) -> LaunchPlan:
     """auto: one process in-process; more processes (all visible GPUs) or a hostfile -> a launcher
     (deepspeed's when DeepSpeed is on or a hostfile is given, else accelerate)."""
@@ -64,9 +87,7 @@ def launch_plan(cfg) -> LaunchPlan:
         if n == 1 and not cfg.hostfile:
             return LaunchPlan("none", 1)
         # deepspeed=auto means ZeRO-3 with several GPU ranks (plain data parallel on CPU)
-        ds = cfg.deepspeed in ("zero2", "zero3") or (
-            cfg.deepspeed == "auto" and (_visible_gpus() > 0 or cfg.sp_size > 1)
-        )
+        ds = cfg.deepspeed in ("zero2", "zero3") or (cfg.deepspeed == "auto" and (_visible_gpus() > 0 or _sp(cfg) > 1))
         return LaunchPlan("deepspeed" if (cfg.hostfile or ds) else "accelerate", n)
     if cfg.hostfile and cfg.launcher == "accelerate":
         raise ConfigError(

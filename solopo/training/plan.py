@@ -499,7 +499,9 @@ def estimate(
     P = facts.params
     lora = combo.peft in ("lora", "qlora")
     T = facts.lora_params(lora_r) if lora else P  # trainable parameters
-    tb = 4 if lora else b  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
+    # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype), except LoRA under ZeRO-3, where training.peft.wrap
+    # keeps the base dtype (ZeRO-3 shards parameters of one dtype)
+    tb = b if combo.peft == "lora" and combo.zero == "zero3" else 4 if lora else b
     base_b = 0.5 if combo.peft == "qlora" else b  # 4-bit NF4 base
     k = machine.factor
     logits = min(trace.logits, trace.activations)  # the head chunk's own peak, when it is part of the step's
@@ -699,7 +701,11 @@ def format_table(plan: Plan) -> str:
     if plan.choice:
         lines.append(f"Recommended (*): {plan.choice.combo.label} - {settings_text(plan.choice.combo)}")
     else:
-        lines.append("Nothing fits: shorten train.target_len, add GPUs, or use LoRA (--peft lora).")
+        tried_lora = any(e.combo.peft != "none" for e in plan.estimates)
+        lines.append(
+            "Nothing fits: shorten train.target_len or add GPUs (more ranks allow a larger sp_size)"
+            + ("." if tried_lora else ", or use LoRA (--peft lora).")
+        )
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -726,7 +732,7 @@ def emit(plan: Plan, out_dir: Path, model: str | None, train_cfg: Any) -> list[P
     c = plan.choice.combo
     out_dir = Path(out_dir)
     files = []
-    cfg = train_cfg.model_copy(update={"deepspeed": c.zero, "offload": c.offload})
+    cfg = train_cfg.model_copy(update={"deepspeed": c.zero, "offload": c.offload, "sp_size": c.sp, "peft": c.peft})
     if c.zero != "none":
         ds = build_ds_config(cfg, torch.bfloat16 if plan.dtype == "bfloat16" else torch.float32, plan.gpus)
         files.append(out_dir / "ds_config.json")
@@ -754,7 +760,8 @@ def emit(plan: Plan, out_dir: Path, model: str | None, train_cfg: Any) -> list[P
 
 # --- from a run's config: the CLI and the pre-launch check --------------------------------------------------------
 def run_settings(train_cfg: Any) -> tuple[int, str, int]:
-    """(sp_size, peft, lora r) of a train config; defaults where this build has no such setting yet."""
+    """(sp_size, peft, lora r) of a train config; sp_size=auto reads as 1 here (the plan then lists every valid
+    sp, and prelaunch_check chooses among them)."""
     lora = getattr(train_cfg, "lora", None)
     sp = getattr(train_cfg, "sp_size", 1)
     return sp if isinstance(sp, int) else 1, getattr(train_cfg, "peft", "none"), int(getattr(lora, "r", 16) or 16)
@@ -803,41 +810,67 @@ def _lengths_from_data(table: Any, target_len: int | None) -> tuple[int, int, in
     return top("short_tokens"), top("long_tokens"), max(top("chosen_tokens"), top("rejected_tokens"))
 
 
+def _stages_for(train_cfg: Any, sp: int, cuda: bool) -> list[str]:
+    """The ZeRO stages train may run with at this sp: the configured one, or deepspeed=auto's candidates (on a GPU
+    the plan chooses among them; on a CPU what the loop picks: plain torch, ZeRO-2 for sp > 1, ZeRO-3 to offload)."""
+    if train_cfg.deepspeed != "auto":
+        return [train_cfg.deepspeed]
+    if cuda:
+        return [z for z, o in SPEED_ORDER if o == train_cfg.offload and not (sp > 1 and z == "none")]
+    if train_cfg.offload != "none":
+        return ["zero3"]
+    return ["zero2" if sp > 1 else "none"]
+
+
+def _sp_options(train_cfg: Any, facts: ModelFacts, world: int) -> list[int]:
+    """train.sp_size=auto: the sizes ALST accepts for these heads that divide the ranks, smallest (fastest) first;
+    only 1 where the config rules sequence parallelism out (deepspeed=none, eager attention)."""
+    if train_cfg.deepspeed == "none" or train_cfg.attn == "eager":
+        return [1]
+    return valid_sp_sizes(facts, world)
+
+
 def prelaunch_check(train_cfg: Any, model: str | None, table: Any, gpus: int, note, stat) -> Any:
     """Before the model loads: refuse (PlanError, exit 2, with the table) a setting the plan says cannot fit, and
-    turn train.deepspeed=auto into the fastest ZeRO setting that fits on a GPU. Returns the config to train with.
-    Skipped, with a note, under train.skip_plan=true and on a CPU unless train.gpu_mem_gb is given."""
+    turn train.deepspeed=auto (on a GPU) and train.sp_size=auto into the fastest setting that fits: the smallest sp,
+    then the fastest ZeRO stage. Returns the config to train with (sp_size always a number).
+    Skipped, with a note, under train.skip_plan=true and on a CPU unless train.gpu_mem_gb is given; sp_size=auto is
+    then 1, said in a note."""
+    sp_auto = train_cfg.sp_size == "auto"
+
+    def unplanned(why: str) -> Any:
+        note(f"memory plan not checked{why}")
+        if not sp_auto:
+            return train_cfg
+        note("train.sp_size=auto -> 1 (no memory plan to choose by; set train.gpu_mem_gb, or a number)")
+        stat("sp_size", 1)
+        return train_cfg.model_copy(update={"sp_size": 1})
+
     if getattr(train_cfg, "skip_plan", False):
-        note("memory plan not checked (train.skip_plan=true)")
-        return train_cfg
+        return unplanned(" (train.skip_plan=true)")
     cuda = torch.cuda.is_available()
     mem = getattr(train_cfg, "gpu_mem_gb", None)
     if mem is None and cuda:
         mem = torch.cuda.get_device_properties(0).total_memory / GIB
     if mem is None:
-        note("memory plan not checked: no GPU, and train.gpu_mem_gb is not set")
-        return train_cfg
+        return unplanned(": no GPU, and train.gpu_mem_gb is not set")
     lengths = _lengths_from_data(table, train_cfg.target_len)
     if lengths is None:
-        note("memory plan not checked: the export has no token counts")
-        return train_cfg
+        return unplanned(": the export has no token counts")
     short, long_len, comp = lengths
     machine = Machine(gpus=gpus, gpu_mem_gb=float(mem), device="cuda" if cuda else "cpu", dtype=train_cfg.dtype)
-    sp, peft, r = run_settings(train_cfg)
+    _, peft, r = run_settings(train_cfg)
     facts = load_model_facts(model)
-    if sp > 1:  # before the trainer's own, which would come after this plan
-        from solopo.training.seq_parallel import check_sp
-
-        check_sp(train_cfg, facts.path, gpus)
-    shape = RunShape.from_train_config(train_cfg, long_len, short, comp)
-    auto = train_cfg.deepspeed == "auto"
-    if auto and cuda:  # the plan chooses among the ZeRO stages (offload and sp as configured)
-        stages = [z for z, o in SPEED_ORDER if o == train_cfg.offload and not (sp > 1 and z == "none")]
-    elif auto:
-        stages = ["none" if train_cfg.offload == "none" else "zero3"]  # what the loop picks on a CPU
+    if sp_auto:
+        sps = _sp_options(train_cfg, facts, gpus)
     else:
-        stages = [train_cfg.deepspeed]
-    cands = [Combo(z, train_cfg.offload, sp, peft) for z in stages]
+        sps = [train_cfg.sp_size]
+        if train_cfg.sp_size > 1:  # before the trainer's own, which would come after this plan
+            from solopo.training.seq_parallel import check_sp
+
+            check_sp(train_cfg, facts.path, gpus)
+    shape = RunShape.from_train_config(train_cfg, long_len, short, comp)
+    cands = [Combo(z, train_cfg.offload, sp, peft) for sp in sps for z in _stages_for(train_cfg, sp, cuda)]
     plan = make_plan(facts, shape, machine, only=cands, lora_r=r, search=False)
     if plan.choice is None:
         plan = make_plan(facts, shape, machine, only=cands, lora_r=r)  # with the longest length that fits
@@ -850,10 +883,16 @@ def prelaunch_check(train_cfg: Any, model: str | None, table: Any, gpus: int, no
     c = plan.choice
     stat("plan_peak_gb", round(c.total, 2))
     stat("plan_setting", c.combo.label)
-    if auto and cuda:
-        note(
-            f"train.deepspeed=auto -> {c.combo.zero} (memory plan: {c.total:.1f} GiB per rank of {mem:g}; fastest that fits)"
-        )
-        return train_cfg.model_copy(update={"deepspeed": c.combo.zero})
-    note(f"memory plan: {c.combo.label} needs {c.total:.1f} GiB per rank of {mem:g}")
-    return train_cfg
+    update: dict[str, Any] = {}
+    fit = f"memory plan: {c.total:.1f} GiB per rank of {mem:g}"
+    if sp_auto:
+        tried = ", ".join(str(s) for s in sps)
+        note(f"train.sp_size=auto -> {c.combo.sp} ({fit}; smallest that fits of {tried} on {gpus} rank(s))")
+        stat("sp_size", c.combo.sp)
+        update["sp_size"] = c.combo.sp
+    if train_cfg.deepspeed == "auto" and cuda:
+        note(f"train.deepspeed=auto -> {c.combo.zero} ({fit}; fastest that fits)")
+        update["deepspeed"] = c.combo.zero
+    if not update:
+        note(f"memory plan: {c.combo.label} needs {c.total:.1f} GiB per rank of {mem:g}")
+    return train_cfg.model_copy(update=update) if update else train_cfg

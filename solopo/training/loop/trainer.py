@@ -36,7 +36,7 @@ import torch
 
 from solopo.chat import ChatFormat
 from solopo.models import model_context_limit
-from solopo.pipeline.errors import MissingDependencyError, SolopoError
+from solopo.pipeline.errors import ConfigError, MissingDependencyError, SolopoError
 from solopo.pipeline.io import read_parquet, write_parquet, write_text
 from solopo.training import peft as lora
 from solopo.training.data import Example, build_examples, context_note, length_grouped_batches, select_target_len
@@ -224,6 +224,13 @@ def _train(
 # --- setup --------------------------------------------------------------------------------------------------
 def setup_runtime(cfg, model_path: str, note: Notes, trust_remote_code: bool = False):
     """(cfg with train.deepspeed=auto resolved, Runtime): the process group is up when this returns."""
+    if cfg.sp_size == "auto":  # the train stage resolves it from the memory plan before launching
+        raise ConfigError(
+            [
+                "train.sp_size=auto reached the training loop unresolved: run it through `solopo train` "
+                "(its memory plan picks the size), or set train.sp_size to a number"
+            ]
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     ds_choice, ds_why = resolve_deepspeed(cfg, model_path, world, pick_dtype(cfg.dtype), trust_remote_code)
     if cfg.deepspeed == "auto":
