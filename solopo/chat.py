@@ -61,9 +61,12 @@ class ChatFormat:
         }
 
     def fingerprint(self) -> dict[str, Any]:
-        """The part of a stage fingerprint that depends on the chat format: nothing for the defaults, so that run
-        dirs made before these settings existed keep their keys."""
-        return {"chat": self.describe()} if not self.is_default else {}
+        """The part of a stage fingerprint that depends on the chat format: the template's text (by hash, not its
+        path: a moved file is the same template) and the system message; nothing for the defaults, so that run dirs
+        made before these settings existed keep their keys."""
+        if self.is_default:
+            return {}
+        return {"chat": {"chat_template_sha256": self.template_sha256, "system_prompt": self.system_prompt}}
 
     def card_text(self) -> str:
         """One sentence for data and model cards naming what differs from the model's own chat format."""
@@ -145,10 +148,12 @@ class ChatFormat:
                 )  # fmt: skip
             except ConfigError:
                 pass
-        return ConfigError(
-            [f"{TEMPLATE_SETTING}: {which} does not render ({type(e).__name__}: {e}); fix the template, or unset "
-             f"{TEMPLATE_SETTING} to use the tokenizer's own"]
-        )  # fmt: skip
+        fix = (
+            f"fix the template, or unset {TEMPLATE_SETTING} to use the tokenizer's own"
+            if self.template is not None
+            else f"give a template that renders with {TEMPLATE_SETTING}"
+        )
+        return ConfigError([f"{TEMPLATE_SETTING}: {which} does not render ({type(e).__name__}: {e}); {fix}"])
 
     # --- the training ranks' spec ------------------------------------------------------------------------
     def to_spec(self) -> dict[str, Any]:

@@ -186,6 +186,14 @@ def test_defaults_leave_every_fingerprint_and_key_unchanged(tmp_path, tiny_model
         for name in ("synth", "sample", "export", "train", "eval"):
             assert "chat" in fp2[name] and k2[name] != keys[name], name
         assert "chat" not in fp2["select"] and k2["select"] != keys["select"]  # through its upstream
+    # the template's text is the key, not where the file lies: a moved copy keeps every key
+    a, b = tmp_path / "a.jinja", tmp_path / "sub" / "b.jinja"
+    b.parent.mkdir()
+    a.write_text(TEMPLATE)
+    b.write_text(TEMPLATE)
+    k_a = _keys(build_config(overrides={"run": {**base["run"], "chat_template": str(a)}}))[0]
+    assert k_a == _keys(build_config(overrides={"run": {**base["run"], "chat_template": str(b)}}))[0]
+    assert k_a == k2  # the inline template of the loop's last round: the same text
 
 
 # --- the whole pipeline with a custom template and a system prompt ------------------------------------------------
@@ -317,7 +325,7 @@ def test_outputs_record_the_chat_format(chat_run, tokenizer):
     want = {"chat_template": str(chat_run.template), "chat_template_sha256": sha, "system_prompt": SYSTEM}
     for stage in ("synth", "sample", "export", "train", "eval"):
         m = json.loads((rd / stage / "manifest.json").read_text())
-        assert m["fingerprint"]["chat"] == want, stage
+        assert m["fingerprint"]["chat"] == {"chat_template_sha256": sha, "system_prompt": SYSTEM}, stage
         assert m["run"]["system_prompt"] == SYSTEM and m["run"]["chat_template"] == str(chat_run.template)
     assert f"system_prompt: {SYSTEM}" in (rd / "config.yaml").read_text()
 
