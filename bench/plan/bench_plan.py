@@ -140,6 +140,7 @@ def write(cpu: list[dict], gpu: list[dict], meta: dict) -> None:
         "Measured = the step's VmHWM minus the process's non-tensor memory (RSS before the step minus weights and "
         "AdamW state, counted exactly), in a fresh child per point with MALLOC_MMAP_THRESHOLD_=1 MiB "
         "(`measure_cpu.py`). Predicted = the plan from config.json only; nothing is fitted to these points.",
+        "Measured by: " + "; ".join(f"`{c}`" for c in meta.get("measured_by", [])),
         "",
         "| mode | long | short | completion | algo | measured GiB | predicted GiB | error | load (1/5/15 min) |",
         "|---|---:|---:|---:|---|---:|---:|---:|---|",
@@ -180,7 +181,8 @@ def main() -> None:
     if a.measure:
         subprocess.run([sys.executable, str(HERE / "measure_cpu.py")], check=True)
     t0 = time.time()
-    measured = json.loads((HERE / "measured_cpu.json").read_text())["rows"]
+    measured_file = json.loads((HERE / "measured_cpu.json").read_text())
+    measured = measured_file["rows"]
     cpu = cpu_rows(measured)
     gpu = [] if a.no_gpu else gpu_rows()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
@@ -189,6 +191,7 @@ def main() -> None:
         "git": git.stdout.strip(),
         "loadavg": os.getloadavg() and Path("/proc/loadavg").read_text().split()[:3],
         "seconds": time.time() - t0,
+        "measured_by": measured_file.get("commands", [measured_file.get("command")]),
     }
     write(cpu, gpu, meta)
 
