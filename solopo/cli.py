@@ -491,7 +491,8 @@ _FROM_RUN_EVAL_EXCLUDED = ("models", "include_base", "exclude_from")
 
 def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
     """A run's eval-relevant settings under the explicit overrides (which still win): its eval section, synth
-    section, sample.max_tokens, and run.seed / run.model (the base) / run.trust_remote_code."""
+    section, sample.max_tokens, and run.seed / run.model (the base) / run.trust_remote_code / run.chat_template /
+    run.system_prompt."""
     from solopo.pipeline.config import _deep_merge, saved_settings
 
     saved = saved_settings(run)
@@ -501,7 +502,8 @@ def _with_run_settings(run: Path, sets: dict[str, Any]) -> dict[str, Any]:
     base: dict[str, Any] = {"synth": saved.get("synth", {}), "eval": eval_}
     if "max_tokens" in saved.get("sample", {}):
         base["sample"] = {"max_tokens": saved["sample"]["max_tokens"]}
-    run_keys = ("seed", "model", "trust_remote_code")
+    # the chat format too: a model trained with a system prompt is evaluated with it, as the run's own eval was
+    run_keys = ("seed", "model", "trust_remote_code", "chat_template", "system_prompt")
     base["run"] = {k: v for k, v in (saved.get("run") or {}).items() if k in run_keys}
     return _deep_merge(base, sets)
 

@@ -226,7 +226,8 @@ def test_eval_in_a_training_run_then_copied_and_moved_run_dirs(tmp_path, tiny_mo
 
 
 def test_eval_from_run_takes_every_eval_setting_of_the_run(tmp_path, tiny_model_dir, scripted, keep_logging):
-    """Issue 22.4: lengths, n_questions, datasets, match, run.seed, run.model (the base) and what the run's eval
+    """Issue 22.4: lengths, n_questions, datasets, match, run.seed, run.model (the base), the chat format (issue
+    26.10: a system prompt the run trained with) and what the run's eval
     excludes (its loaded ids and its own eval.exclude_from) come from the run; options given still win."""
     from solopo.api import build_config
     from solopo.datasets import load_records
@@ -239,7 +240,7 @@ def test_eval_from_run_takes_every_eval_setting_of_the_run(tmp_path, tiny_model_
     write_parquet(pa.table({"id": [dev[1].id]}), other)
     cfg = build_config(
         overrides={
-            "run": {"run_dir": str(x), "model": str(tiny_model_dir), "seed": 3},
+            "run": {"run_dir": str(x), "model": str(tiny_model_dir), "seed": 3, "system_prompt": "Be brief."},
             "sample": {"max_tokens": 77},
             "eval": {"lengths": ["1k"], "n_questions": 2, "datasets": ["musique"], "match": "substring",
                      "exclude_from": str(other), "models": ["ignored=/nowhere"]},
@@ -262,6 +263,7 @@ def test_eval_from_run_takes_every_eval_setting_of_the_run(tmp_path, tiny_model_
     )
     report = json.loads((e / "eval" / "report.json").read_text())
     assert report["settings"]["seed"] == 3 and report["settings"]["max_tokens"] == 77
+    assert saved.run.system_prompt == "Be brief." and report["settings"]["chat"]["system_prompt"] == "Be brief."
     assert report["models"][0] == "base (tiny-llama)"
     m = json.loads((e / "eval" / "manifest.json").read_text())
     assert m["drops"]["musique:overlaps_training_ids"] == 2
