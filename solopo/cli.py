@@ -51,6 +51,17 @@ TargetLenOpt = Annotated[
     str | None, typer.Option("--target-len", help="Long-context lengths in tokens: 8k or 4k,8k,16k,32k.")
 ]
 LogOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")]
+ChatTemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--chat-template",
+        help="run.chat_template: a .jinja file or inline Jinja for every stage (default: the tokenizer's own).",
+    ),
+]
+SystemPromptOpt = Annotated[
+    str | None,
+    typer.Option("--system-prompt", help="run.system_prompt: a system message before every prompt (default: none)."),
+]
 RerunOpt = Annotated[
     bool,
     typer.Option(
@@ -218,6 +229,8 @@ def synth(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemPromptOpt = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
@@ -234,6 +247,8 @@ def synth(
             "synth.short_docs": short_docs,
             "load.on_bad_record": on_bad_record,
             "run.run_dir": run_dir,
+            "run.chat_template": chat_template,
+            "run.system_prompt": system_prompt,
             "run.model": model,
         },
     )
@@ -253,6 +268,8 @@ def pair(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemPromptOpt = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
@@ -269,6 +286,8 @@ def pair(
             "synth.target_len": target_len,
             "load.source": data,
             "run.run_dir": run_dir,
+            "run.chat_template": chat_template,
+            "run.system_prompt": system_prompt,
             "run.model": model,
         },
     )
@@ -306,6 +325,8 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemPromptOpt = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
@@ -327,6 +348,8 @@ def train(
             "load.source": data,
             "synth.target_len": target_len,
             "run.run_dir": run_dir,
+            "run.chat_template": chat_template,
+            "run.system_prompt": system_prompt,
             "run.model": model,
         },
     )
@@ -344,6 +367,8 @@ def run_all(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemPromptOpt = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
@@ -360,6 +385,8 @@ def run_all(
             "train.algo": algo,
             "train.mode": mode,
             "run.run_dir": run_dir,
+            "run.chat_template": chat_template,
+            "run.system_prompt": system_prompt,
             "run.model": model,
         },
     )
@@ -422,6 +449,8 @@ def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     run_dir: Annotated[str, typer.Option("--run-dir", help="Where the eval outputs go.")] = "runs/eval",
+    chat_template: ChatTemplateOpt = None,
+    system_prompt: SystemPromptOpt = None,
     preset: PresetOpt = None,
     force: ForceOpt = None,
     rerun: RerunOpt = False,
@@ -453,6 +482,8 @@ def eval_(
             "eval.match": match,
             "eval.short_docs": short_docs,
             "run.run_dir": run_dir,
+            "run.chat_template": chat_template,
+            "run.system_prompt": system_prompt,
         },
     )
     if from_run is not None:

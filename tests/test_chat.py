@@ -272,7 +272,7 @@ def chat_run(tmp_path_factory, tiny_model_dir):
             "train", "--algo", "orpo", "--model", tiny_model_dir, "--target-len", "1k", "--run-dir", rd,
             "--set", "load.limit=4", "--set", "sample.n=2", "--set", "train.max_steps=1",
             "--set", "sample.backend=transformers",
-            "--set", f"run.chat_template={tpl}", "--set", f"run.system_prompt={SYSTEM}",
+            "--chat-template", tpl, "--system-prompt", SYSTEM,  # the flags (= --set run.chat_template=...)
         )  # fmt: skip
         assert code == 0, out
         stage["now"] = "eval"
@@ -385,8 +385,8 @@ def test_bad_template_path_exits_2_naming_the_setting(tmp_path, tiny_model_dir, 
     )
     assert code == 2 and "run.chat_template: no such file" in out and "nope.jinja" in out, out
     assert not (rd / "load").exists()  # refused before any stage ran
-    code, out = cli("synth", "--model", tiny_model_dir, "--run-dir", rd, "--set", f"run.chat_template={NO_SYSTEM}",
-                    "--set", "run.system_prompt=Be brief.")  # fmt: skip
+    code, out = cli("synth", "--model", tiny_model_dir, "--run-dir", rd, "--chat-template", NO_SYSTEM,
+                    "--system-prompt", "Be brief.")  # fmt: skip
     assert code == 2 and "run.system_prompt" in out and "rejects a system message" in out, out
     assert not (rd / "synth" / "_SUCCESS").exists()  # when synth loaded the tokenizer, before it counted anything
 
@@ -426,3 +426,9 @@ def test_launched_ranks_get_the_chat_format_through_the_spec(tmp_path, tiny_mode
     assert spec["chat"] == {"template": TEMPLATE, "source": "my-template.jinja", "system_prompt": SYSTEM}
     assert seen == [chat]
     assert (Path(result["model_path"]) / "chat_template.jinja").read_text() == TEMPLATE
+
+
+def test_every_command_that_runs_stages_takes_both_flags(keep_logging):
+    for command in ("synth", "pair", "train", "run-all", "eval"):
+        code, out = cli(command, "--help")
+        assert code == 0 and "--chat-template" in out and "--system-prompt" in out, (command, out)
