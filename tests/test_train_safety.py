@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import torch
 from conftest import SHARED
-from test_train import export_rows, run
+from test_train import export_rows, killed_in_step, run
 
 from solopo.api import build_config
 from solopo.pipeline.errors import ConfigError, RunDirError, SolopoError
@@ -349,21 +349,6 @@ def test_eval_excludes_training_ids(tmp_path, tokenizer):
 
 
 # --- issue 20 items 5-7, issue 21 items 3-4: context, checkpoints, full disk, the reference cache -----------------
-def crash_in_step(monkeypatch, n: int) -> None:
-    """Simulate a kill during optimizer step n (after steps 1..n-1 finished)."""
-    import solopo.training.loop.step as S
-
-    real, calls = S._Agg.finish, {"n": 0}
-
-    def finish(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt("simulated kill")
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(S._Agg, "finish", finish)
-
-
 def test_examples_over_the_model_context_are_dropped_with_a_note(tmp_path, tiny_model_dir):
     """A 150-token context: the longer x_long rows are dropped (counted, with a note) instead of training past the
     positions the model knows; with none left the run fails saying why."""
@@ -382,31 +367,27 @@ def test_examples_over_the_model_context_are_dropped_with_a_note(tmp_path, tiny_
         run(tmp_path / "b", d, algo="orpo")
 
 
-def test_checkpoints_by_time_by_default_and_kept_across_non_math_settings(tmp_path, tiny_model_dir, monkeypatch):
+def test_checkpoints_by_time_by_default_and_kept_across_non_math_settings(tmp_path, tiny_model_dir):
     """save_steps unset (the default) checkpoints every save_minutes; a rerun that changes only logging_steps,
     report_to or save_steps resumes from them, keeping the newest save_total_limit (2)."""
     from solopo.training.config import TrainConfig
 
     assert TrainConfig().save_steps is None and TrainConfig().save_minutes == 10.0
-    crash_in_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4):
         run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_minutes=1e-9)  # due after every step
     ckpt = tmp_path / "models" / "orpo-solo.checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-2", "step-3"]
-    monkeypatch.undo()
     res = run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_steps=5, logging_steps=2)
     assert any(f"resumed from checkpoint {ckpt / 'step-3'} at step 3" in n for n in res["notes"]), res["notes"]
     assert res["steps"] == 4 and not ckpt.exists()
 
 
-def test_damaged_checkpoints_are_skipped_for_the_last_good_one(tmp_path, tiny_model_dir, monkeypatch):
+def test_damaged_checkpoints_are_skipped_for_the_last_good_one(tmp_path, tiny_model_dir):
     """Truncated state.pt, garbage solopo.json, a stray step-3.bak and a leftover step-9.tmp: each is skipped (the
     temp dir silently removed) and the run resumes from step 1, the last good checkpoint; no note blames another
     config."""
-    crash_in_step(monkeypatch, 4)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_in_step(4):
         run(tmp_path, tiny_model_dir, algo="orpo", max_steps=4, save_steps=1, save_total_limit=0)
-    monkeypatch.undo()
     ckpt = tmp_path / "models" / "orpo-solo.checkpoints"
     os.truncate(ckpt / "step-3" / "state.pt", 1000)
     (ckpt / "step-2" / "solopo.json").write_text("{garbage")
