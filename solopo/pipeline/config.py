@@ -289,17 +289,14 @@ def _is_union_branch(part: Any) -> bool:
 
 def _format_errors(err: ValidationError) -> list[str]:
     out: list[str] = []
-    merged: dict[str, int] = {}  # one line per field, whichever union branches failed
+    unions: dict[str, tuple[int, list[str], Any]] = {}  # field -> (its line, what each branch wanted, the input)
     for e in err.errors():
         if e["loc"] and _is_union_branch(e["loc"][-1]):
             loc = ".".join(str(x) for x in e["loc"][:-1])
-            msg = e["msg"].removeprefix("Input should be ")
-            if loc in merged:
-                out[merged[loc]] = out[merged[loc]].removesuffix(f" (got {e['input']!r})") + f", or {msg}"
-                out[merged[loc]] += f" (got {e['input']!r})"
-            else:
-                merged[loc] = len(out)
-                out.append(f"{loc}: should be {msg} (got {e['input']!r})")
+            if loc not in unions:
+                unions[loc] = (len(out), [], e["input"])
+                out.append("")
+            unions[loc][1].append(e["msg"].removeprefix("Input should be "))
             continue
         loc = ".".join(str(x) for x in e["loc"])
         msg = e["msg"]
@@ -319,6 +316,8 @@ def _format_errors(err: ValidationError) -> list[str]:
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         out.append(f"{loc}: {msg}")
+    for loc, (i, wanted, given) in unions.items():  # one line per field, whichever branches failed
+        out[i] = f"{loc}: should be {', or '.join(wanted)} (got {given!r})"
     return out
 
 

@@ -164,6 +164,11 @@ class TrainConfig(StageConfig):
     def _length(cls, v: Any) -> Any:
         return None if v is None else parse_length(v)
 
+    @property
+    def sp_planned(self) -> int:
+        """sp_size, with auto read as 1: what holds until the memory plan resolves auto (prelaunch_check)."""
+        return self.sp_size if isinstance(self.sp_size, int) else 1
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         # (positivity is checked per field, so that it is reported together with every other field's problem)
@@ -174,7 +179,7 @@ class TrainConfig(StageConfig):
             problems.append("offload=full (parameters too) needs deepspeed=zero3")
         if self.shared_prefix and self.attn == "flash_attention_2":
             problems.append("shared_prefix needs a custom attention mask: attn=sdpa or eager (or auto)")
-        sp = self.sp_size if isinstance(self.sp_size, int) else 1  # auto keeps to 1 where these rule out more
+        sp = self.sp_planned  # auto keeps to 1 where these rule out more
         if sp > 1 and self.deepspeed == "none":
             problems.append("sp_size > 1 runs through DeepSpeed's Ulysses (ALST): deepspeed=zero2, zero3 or auto")
         if sp > 1 and self.attn == "eager":

@@ -52,10 +52,6 @@ def _visible_gpus() -> int:
         return 0
 
 
-def _sp(cfg) -> int:
-    return cfg.sp_size if isinstance(cfg.sp_size, int) else 1  # auto: resolved by the plan, then planned again
-
-
 def hostfile_world(path: str) -> int:
     """The ranks a DeepSpeed hostfile launches: the sum of its `host slots=N` lines (# comments allowed)."""
     p = Path(path)
@@ -87,7 +83,9 @@ def launch_plan(cfg) -> LaunchPlan:
         if n == 1 and not cfg.hostfile:
             return LaunchPlan("none", 1)
         # deepspeed=auto means ZeRO-3 with several GPU ranks (plain data parallel on CPU)
-        ds = cfg.deepspeed in ("zero2", "zero3") or (cfg.deepspeed == "auto" and (_visible_gpus() > 0 or _sp(cfg) > 1))
+        ds = cfg.deepspeed in ("zero2", "zero3") or (
+            cfg.deepspeed == "auto" and (_visible_gpus() > 0 or cfg.sp_planned > 1)
+        )
         return LaunchPlan("deepspeed" if (cfg.hostfile or ds) else "accelerate", n)
     if cfg.hostfile and cfg.launcher == "accelerate":
         raise ConfigError(
@@ -122,8 +120,7 @@ def launch_command(plan: LaunchPlan, spec_path: Path, cfg) -> list[str]:
     if not cfg.hostfile:  # one node: a free port, so that concurrent runs on one machine do not collide on 29500
         cmd += ["--master_port", str(_free_port())]
     if cfg.hostfile:
-        if not Path(cfg.hostfile).exists():
-            raise ConfigError([f"train.hostfile: {cfg.hostfile} does not exist"])
+        hostfile_world(cfg.hostfile)  # exists and is well-formed (a ConfigError naming the line otherwise)
         cmd += ["--hostfile", cfg.hostfile]
     else:
         # --num_gpus is deepspeed's --num_accelerators: on the CPU accelerator it is the number of CPU ranks

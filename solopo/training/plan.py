@@ -763,8 +763,7 @@ def run_settings(train_cfg: Any) -> tuple[int, str, int]:
     """(sp_size, peft, lora r) of a train config; sp_size=auto reads as 1 here (the plan then lists every valid
     sp, and prelaunch_check chooses among them)."""
     lora = getattr(train_cfg, "lora", None)
-    sp = getattr(train_cfg, "sp_size", 1)
-    return sp if isinstance(sp, int) else 1, getattr(train_cfg, "peft", "none"), int(getattr(lora, "r", 16) or 16)
+    return train_cfg.sp_planned, getattr(train_cfg, "peft", "none"), int(getattr(lora, "r", 16) or 16)
 
 
 def plan_for_config(
