@@ -49,16 +49,22 @@ class ChatFormat:
     def template_sha256(self) -> str | None:
         return None if self.template is None else hashlib.sha256(self.template.encode()).hexdigest()
 
-    def describe(self) -> dict[str, Any]:
-        """What manifests, cards and the cache key record: the setting, the hash of the text used, the system
-        message. Empty for the defaults."""
-        if self.is_default:
-            return {}
+    @property
+    def source_name(self) -> str | None:
+        """run.chat_template as cards and reports show it: the file's name (no machine path), "inline" or None."""
+        return self.source if self.source in (None, "inline") else Path(str(self.source)).name
+
+    def settings(self) -> dict[str, Any]:
+        """The setting (by file name), the hash of the text used, the system message; None for each default."""
         return {
-            "chat_template": self.source,
+            "chat_template": self.source_name,
             "chat_template_sha256": self.template_sha256,
             "system_prompt": self.system_prompt,
         }
+
+    def describe(self) -> dict[str, Any]:
+        """What the data card's construction settings record: settings(), empty for the defaults."""
+        return {} if self.is_default else self.settings()
 
     def fingerprint(self) -> dict[str, Any]:
         """The part of a stage fingerprint that depends on the chat format: the template's text (by hash, not its
@@ -72,7 +78,7 @@ class ChatFormat:
         """One sentence for data and model cards naming what differs from the model's own chat format."""
         parts = []
         if self.template is not None:
-            where = "an inline template" if self.source == "inline" else f"`{Path(str(self.source)).name}`"
+            where = "an inline template" if self.source == "inline" else f"`{self.source_name}`"
             parts.append(
                 f"the chat template of `{TEMPLATE_SETTING}` ({where}, sha256 {str(self.template_sha256)[:12]}) "
                 "instead of the model's own"

@@ -354,6 +354,9 @@ def test_outputs_record_the_chat_format(chat_run, tokenizer):
     }
     data_card = (rd / "export" / "README.md").read_text()
     assert "Prompt format:" in data_card and json.dumps(SYSTEM) in data_card and "chat_template_path" in data_card
+    assert (
+        "chat_template: my-template.jinja" in data_card and str(chat_run.template) not in data_card
+    )  # no machine path
     settings = json.loads((rd / "eval" / "report.json").read_text())["settings"]
     assert settings["chat"] == {**want, "chat_template": "my-template.jinja"}  # no machine path
 

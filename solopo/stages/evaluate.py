@@ -578,19 +578,9 @@ class EvalStage(Stage):
                 mode="json", include={"doc_template", "prompt_template", "short_docs", "tolerance", "max_misses"}
             ),
             "exclude_from": None if c.exclude_from is None else self.display_path(c.exclude_from),
-            "chat": self._chat_setting(),
+            "chat": chat_format(self.ctx.run).settings(),  # a template file by its name: no machine path
             "adapters": getattr(self, "_adapters", {}),  # label -> how a LoRA adapter dir was evaluated
             "versions": library_versions(),
-        }
-
-    def _chat_setting(self) -> dict[str, Any]:
-        """run.chat_template (a file by its name: no machine path) and run.system_prompt; None = the defaults."""
-        chat = chat_format(self.ctx.run)
-        source = chat.source if chat.source in (None, "inline") else Path(str(chat.source)).name
-        return {
-            "chat_template": source,
-            "chat_template_sha256": chat.template_sha256,
-            "system_prompt": chat.system_prompt,
         }
 
     def display_path(self, path: str, model: str | None = None, is_model: bool = False) -> str:

@@ -1,8 +1,9 @@
 """Export table -> tokenized training examples, length-grouped batches, padded micro-batch tensors.
 
 Prompts are user-message content; they are rendered in the run's chat format (solopo.chat: the chat template, an
-optional system message) with the generation prompt, as synth counted and sampling rendered them. The completion is the assistant text plus the template's end-of-turn tokens (for ChatML "<|im_end|>\\n"):
-it is the tokenized full conversation minus the tokenized prompt, exactly as TRL's DPOTrainer cuts it.
+optional system message) with the generation prompt, as synth counted and sampling rendered them. The completion
+is the assistant text plus the template's end-of-turn tokens (for ChatML "<|im_end|>\\n"): it is the tokenized full
+conversation minus the tokenized prompt, exactly as TRL's DPOTrainer cuts it.
 """
 
 from __future__ import annotations
